@@ -1,0 +1,72 @@
+"""Evaluation metrics of IVPT (spec §6): pure, device-agnostic functions over tensors.
+
+* §6.1 classification: `top_k_correct`, `top_k_accuracy`, `classification_accuracies`
+* §6.2 / §6.3 consistency and stability: `part_points_on_canvas`, `prototype_regions`,
+  `part_hits`, `consistency_score`, `stability_score`, `perturb_normalised_images`
+* §6.4 NMI / ARI: `keypoint_part_assignments`, `nmi_ari`
+* §6.5 keypoint regression: `part_centroid_features`, `box_normalised_keypoints`,
+  `keypoint_regression_error`
+* §6.6 foreground IoU: `foreground_iou_counts`, `foreground_iou_from_counts`, `foreground_iou`
+
+All functions taking `maps` expect the evaluated stage's assignment maps of shape
+`(num_images, num_prototypes, height, width)` whose last channel is the background.
+Thin `evaluate` wrappers live in `evaluate_modules/`; load them with
+`evaluate.load(evaluate_module_path("ivpt_accuracy"))`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .classification import classification_accuracies, top_k_accuracy, top_k_correct
+from .consistency import (
+    consistency_score,
+    part_hits,
+    part_points_on_canvas,
+    perturb_normalised_images,
+    prototype_regions,
+    stability_score,
+)
+from .foreground_iou import foreground_iou, foreground_iou_counts, foreground_iou_from_counts
+from .keypoint_regression import box_normalised_keypoints, keypoint_regression_error, part_centroid_features
+from .nmi_ari import keypoint_part_assignments, nmi_ari
+
+
+EVALUATE_MODULES = ("ivpt_accuracy", "ivpt_nmi_ari")
+
+
+def evaluate_module_path(name: str) -> str:
+    """Local path of one of our `evaluate` metric modules, for `evaluate.load(path)`.
+
+    Args:
+        name (`str`): one of `EVALUATE_MODULES` (`"ivpt_accuracy"`, `"ivpt_nmi_ari"`).
+
+    Returns:
+        `str`: the module's directory.
+    """
+    if name not in EVALUATE_MODULES:
+        raise ValueError(f"Expected `name` in {EVALUATE_MODULES}, got {name!r}")
+    return str(Path(__file__).resolve().parent / "evaluate_modules" / name)
+
+
+__all__ = [
+    "EVALUATE_MODULES",
+    "box_normalised_keypoints",
+    "classification_accuracies",
+    "consistency_score",
+    "evaluate_module_path",
+    "foreground_iou",
+    "foreground_iou_counts",
+    "foreground_iou_from_counts",
+    "keypoint_part_assignments",
+    "keypoint_regression_error",
+    "nmi_ari",
+    "part_centroid_features",
+    "part_hits",
+    "part_points_on_canvas",
+    "perturb_normalised_images",
+    "prototype_regions",
+    "stability_score",
+    "top_k_accuracy",
+    "top_k_correct",
+]
