@@ -1,0 +1,218 @@
+"""IVPT model configuration (spec: shared/spec/ALGORITHM.md §0, §1.3, §1.14, §3, §10).
+
+Ships to the Hub with the model: imports only torch, timm and transformers.
+"""
+
+from dataclasses import field
+from functools import lru_cache
+import json
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+from transformers import PreTrainedConfig
+
+
+@lru_cache(maxsize=32)
+def _backbone_geometry(backbone: str, backbone_kwargs_json: str, image_size: int) -> dict:
+    """Builds the timm backbone on the meta device (no memory, no weights) and reads its geometry."""
+    kwargs = json.loads(backbone_kwargs_json)
+    if not timm.is_model(backbone):
+        raise ValueError(f"`backbone`: expected a timm model name, got {backbone!r}")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(backbone, pretrained=False, num_classes=0, img_size=image_size, **kwargs)
+    except TypeError as error:
+        with torch.device("meta"):
+            model = timm.create_model(backbone, pretrained=False)
+        if isinstance(model, VisionTransformer):
+            raise ValueError(f"`backbone_kwargs`: timm rejected {kwargs} for {backbone!r}: {error}") from error
+    if not isinstance(model, VisionTransformer) or model.cls_token is None:
+        raise ValueError(
+            f"`backbone`: expected a timm VisionTransformer with a class token, got {type(model).__name__} "
+            f"for {backbone!r}"
+        )
+    return {
+        "patch_size": model.patch_embed.patch_size[0],
+        "depth": len(model.blocks),
+        "hidden_size": model.embed_dim,
+        "num_prefix_tokens": model.num_prefix_tokens,
+    }
+
+
+class IvptConfig(PreTrainedConfig):
+    r"""
+    Configuration of an IVPT model: a frozen timm ViT with cross-layer part prototypes whose region features become
+    interpretable prompts of the last blocks (ALGORITHM.md §1). Defaults reproduce the official release recipe
+    (DINOv2 ViT-B/14 with 4 registers at 518 px, `n_pro = 17,14,11,8,5`), except `sample_routing_noise_in_eval`.
+
+    Args:
+        backbone (`str`, *optional*, defaults to `"vit_base_patch14_reg4_dinov2.lvd142m"`):
+            timm model name of the ViT backbone. The model is always built with random weights; load pretrained
+            weights with [`IvptForImageClassification.from_backbone`].
+        backbone_kwargs (`dict`, *optional*):
+            Extra keyword arguments for `timm.create_model` (e.g. `{"embed_dim": 64, "depth": 4, "num_heads": 2}` for
+            a tiny test model).
+        image_size (`int`, *optional*, defaults to 518):
+            Side of the square input; must be a multiple of the backbone's patch size.
+        n_pro (`list[int]` or `str`, *optional*, defaults to `[17, 14, 11, 8, 5]`):
+            Prototype count per stage, each including one background prototype (the last index). Stage `s <
+            len(n_pro) - 1` is attached to block `depth - len(n_pro) + 1 + s`; the last stage reads the output of the
+            last block and defines the `K = n_pro[-1] - 1` parts that are classified. Also accepts `"17,14,11,8,5"`.
+        freeze_backbone (`bool`, *optional*, defaults to `True`):
+            Freeze every backbone tensor except `cls_token`, `reg_token` and `pos_embed` (§4.1; the final LayerNorm is
+            frozen too).
+        freeze_prompt_norm_affine (`bool`, *optional*, defaults to `True`):
+            Keep the affine parameters of the joint (K, D) prompt LayerNorm frozen at identity, as the release does by
+            accident of its parameter-group matcher (§8 Q1).
+        prototype_init_std (`float`, *optional*, defaults to 0.05):
+            Standard deviation of the normal initialisation of the prototype vectors (§1.3).
+        gumbel_routing (`bool`, *optional*, defaults to `True`):
+            Add Gumbel(0, 1) noise to the routing logits before the softmax (§1.6, release recipe).
+        routing_tau (`float`, *optional*, defaults to 1.0):
+            Softmax temperature of the routing.
+        routing_hard (`bool`, *optional*, defaults to `False`):
+            Straight-through one-hot routing (forward one-hot, backward soft).
+        sample_routing_noise_in_eval (`bool`, *optional*, defaults to `False`):
+            Also draw the Gumbel routing noise in eval mode. The release does (§1.14, its classification accuracy is
+            stochastic); the default here is the documented deterministic deviation. Set `True` for paper parity of
+            the classification evaluation.
+        interpretation_stage_index (`int`, *optional*, defaults to -3):
+            Index into the stage maps of the map returned as `interpretation_maps` and evaluated by the
+            interpretability metrics (release: `maps[-3]`, §2).
+        map_eps (`float`, *optional*, defaults to 1e-6):
+            Constant added before re-normalising the returned assignment maps (§1.4, "eps" maps).
+        classification_loss_weight (`float`, *optional*, defaults to 1.0): weight of the cross-entropy (§3.2).
+        consistency_loss_weight (`float`, *optional*, defaults to 1.0): weight of the cross-layer KL (§3.3).
+        presence_loss_weight (`float`, *optional*, defaults to 1.0): weight of the presence loss (§3.5).
+        orthogonality_loss_weight (`float`, *optional*, defaults to 1.0): weight of the orthogonality loss (§3.6).
+        equivariance_loss_weight (`float`, *optional*, defaults to 1.0): weight of the equivariance loss (§3.7).
+        total_variation_loss_weight (`float`, *optional*, defaults to 1.0): weight of the total variation (§3.4).
+        enforced_presence_loss_weight (`float`, *optional*, defaults to 1.0): weight of the background presence (§3.8).
+        entropy_loss_weight (`float`, *optional*, defaults to 1.0): weight of the pixel-wise entropy (§3.9).
+        equivariance_max_rotation (`float`, *optional*, defaults to 90.0):
+            Rotation of the equivariance warp is drawn from U(-x, x) degrees.
+        equivariance_max_translation (`float`, *optional*, defaults to 0.11):
+            Translation of the equivariance warp is drawn from U(-x, x) times the image side, rounded to pixels.
+        equivariance_scale_range (`list[float]`, *optional*, defaults to `[0.8, 1.4]`):
+            Scale of the equivariance warp is drawn from U(low, high).
+
+    Example:
+
+    ```python
+    >>> from ivpt import IvptConfig, IvptForImageClassification
+    >>> config = IvptConfig(num_labels=200)  # the paper setup
+    >>> tiny = IvptConfig(backbone_kwargs={"embed_dim": 64, "depth": 4, "num_heads": 2}, image_size=56, n_pro="5,4,3")
+    >>> model = IvptForImageClassification(tiny)
+    ```"""
+
+    model_type = "ivpt"
+    # Map and feature outputs are large; the Trainer keeps only the logits when it gathers predictions.
+    keys_to_ignore_at_inference = [
+        "part_logits", "part_features", "interpretation_maps", "assignment_maps", "projected_maps",
+        "routing_weights", "loss_terms",
+    ]
+
+    backbone: str = "vit_base_patch14_reg4_dinov2.lvd142m"
+    backbone_kwargs: dict | None = None
+    image_size: int = 518
+    n_pro: list[int] | str = field(default_factory=lambda: [17, 14, 11, 8, 5])
+    freeze_backbone: bool = True
+    freeze_prompt_norm_affine: bool = True
+    prototype_init_std: float = 0.05
+    gumbel_routing: bool = True
+    routing_tau: float = 1.0
+    routing_hard: bool = False
+    sample_routing_noise_in_eval: bool = False
+    interpretation_stage_index: int = -3
+    map_eps: float = 1e-6
+    classification_loss_weight: float = 1.0
+    consistency_loss_weight: float = 1.0
+    presence_loss_weight: float = 1.0
+    orthogonality_loss_weight: float = 1.0
+    equivariance_loss_weight: float = 1.0
+    total_variation_loss_weight: float = 1.0
+    enforced_presence_loss_weight: float = 1.0
+    entropy_loss_weight: float = 1.0
+    equivariance_max_rotation: float = 90.0
+    equivariance_max_translation: float = 0.11
+    equivariance_scale_range: list[float] = field(default_factory=lambda: [0.8, 1.4])
+
+    def __post_init__(self, **kwargs):
+        if self.id2label is None:
+            kwargs.setdefault("num_labels", 200)  # CUB-200-2011
+        self.backbone_kwargs = dict(self.backbone_kwargs or {})
+        self.n_pro = _parse_n_pro(self.n_pro)
+        self.equivariance_scale_range = [float(x) for x in self.equivariance_scale_range]
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self):
+        if not isinstance(self.image_size, int) or self.image_size <= 0:
+            raise ValueError(f"`image_size`: expected a positive int, got {self.image_size!r}")
+        geometry = self.backbone_geometry
+        if self.image_size % geometry["patch_size"]:
+            raise ValueError(
+                f"`image_size`: expected a multiple of the backbone patch size {geometry['patch_size']}, "
+                f"got {self.image_size}"
+            )
+        if self.num_prompted_blocks > geometry["depth"]:
+            raise ValueError(
+                f"`n_pro`: {len(self.n_pro)} stages need {self.num_prompted_blocks} prompted blocks, but the backbone "
+                f"has {geometry['depth']} blocks"
+            )
+        if self.grid_size < 4:
+            raise ValueError(
+                f"`image_size`: the patch grid must be at least 4x4 for the presence losses, got "
+                f"{self.grid_size}x{self.grid_size}"
+            )
+        if not -len(self.n_pro) <= self.interpretation_stage_index < len(self.n_pro):
+            raise ValueError(
+                f"`interpretation_stage_index`: expected an index into {len(self.n_pro)} stages, got "
+                f"{self.interpretation_stage_index}"
+            )
+        if self.routing_tau <= 0:
+            raise ValueError(f"`routing_tau`: expected a positive temperature, got {self.routing_tau}")
+        low, high = self.equivariance_scale_range if len(self.equivariance_scale_range) == 2 else (0, -1)
+        if not 0 < low <= high:
+            raise ValueError(
+                f"`equivariance_scale_range`: expected [low, high] with 0 < low <= high, got "
+                f"{self.equivariance_scale_range}"
+            )
+
+    @property
+    def backbone_geometry(self) -> dict:
+        """`patch_size`, `depth`, `hidden_size` and `num_prefix_tokens` of the backbone (cached, meta device)."""
+        kwargs_json = json.dumps(self.backbone_kwargs, sort_keys=True)
+        return _backbone_geometry(self.backbone, kwargs_json, self.image_size)
+
+    @property
+    def num_parts(self) -> int:
+        """K: the foreground parts of the last stage, classified and used as prompts."""
+        return self.n_pro[-1] - 1
+
+    @property
+    def num_prompted_blocks(self) -> int:
+        """S: the stages that prompt a block (all but the last)."""
+        return len(self.n_pro) - 1
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.backbone_geometry["patch_size"]
+
+
+def _parse_n_pro(n_pro) -> list[int]:
+    if isinstance(n_pro, str):
+        try:
+            n_pro = [int(item) for item in n_pro.split(",")]
+        except ValueError:
+            raise ValueError(f"`n_pro`: expected comma-separated integers such as '17,14,11,8,5', got {n_pro!r}")
+    n_pro = list(n_pro)
+    if len(n_pro) < 2 or any(not isinstance(count, int) or count < 2 for count in n_pro):
+        raise ValueError(
+            f"`n_pro`: expected at least 2 stages of at least 2 prototypes each (one is background), got {n_pro}"
+        )
+    return n_pro
+
+
+__all__ = ["IvptConfig"]

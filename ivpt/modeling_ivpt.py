@@ -1,0 +1,415 @@
+"""PyTorch IVPT: Interpretable Visual Prompt Tuning with cross-layer part prototypes.
+
+Spec: shared/spec/ALGORITHM.md §1 (forward), §2 (outputs), §3 (objective), §9 (the faster equivalent forms used
+here). Ships to the Hub: imports only torch, timm, transformers and the package's shipped files (relative).
+"""
+
+from dataclasses import dataclass
+import os
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_ivpt import IvptConfig
+from .losses import ivpt_objective, sample_equivariance_warp, unwarp_maps, warp_images
+
+
+@dataclass
+class IvptModelOutput(ModelOutput):
+    """
+    Args:
+        part_features (`torch.FloatTensor` of shape `(batch_size, hidden_size, num_parts + 1)`):
+            Modulated features of the final parts, background column last (§1.9).
+        interpretation_maps (`torch.FloatTensor` of shape `(batch_size, num_prototypes, height, width)`):
+            Assignment maps of the stage `config.interpretation_stage_index`, evaluated by the interpretability metrics.
+        assignment_maps (`tuple(torch.FloatTensor)`):
+            One map per stage, `(batch_size, n_pro[s], height, width)`, summing to 1 over prototypes (§1.4 "eps").
+        projected_maps (`tuple(torch.FloatTensor)`):
+            Intermediate stage maps routed onto the final parts, `(batch_size, num_parts + 1, height * width)`, then the
+            final map flattened (§1.8).
+        routing_weights (`tuple(torch.FloatTensor)`):
+            Soft assignment of each intermediate foreground prototype to the final parts, `(batch_size, n_pro[s] - 1,
+            num_parts)` (§1.6).
+    """
+
+    part_features: torch.FloatTensor | None = None
+    interpretation_maps: torch.FloatTensor | None = None
+    assignment_maps: tuple[torch.FloatTensor, ...] | None = None
+    projected_maps: tuple[torch.FloatTensor, ...] | None = None
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class IvptImageClassifierOutput(IvptModelOutput):
+    """
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            In training mode the full IVPT objective of §3.1 (second, warped pass included); in eval mode the
+            cross-entropy.
+        logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
+            Mean of `part_logits` over the parts.
+        part_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, num_parts)`):
+            Class scores of each foreground part.
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is given):
+            The unweighted loss terms (`ivpt.losses.LOSS_TERMS` in training mode, `classification` in eval mode).
+        part_features, interpretation_maps, assignment_maps, projected_maps, routing_weights:
+            As in [`IvptModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    part_logits: torch.FloatTensor | None = None
+    loss_terms: dict[str, torch.FloatTensor] | None = None
+
+
+def full_precision(device: torch.device):
+    """Disables autocast: distances, softmax and pooling of the maps stay in float32 (§9.2)."""
+    return torch.autocast(device_type=device.type, enabled=False)
+
+
+def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
+    """Negative squared distances plus positional bias (§1.4 steps 2–3, expanded form of §9.2).
+
+    features `(B, N, D)`, prototypes `(P, D)`, position_bias `(P, N)` -> `(B, P, N)`.
+    """
+    dots = features @ prototypes.T  # (B, N, P): one (B·N, D) x (D, P) matmul
+    logits = 2 * dots - prototypes.pow(2).sum(-1) - features.pow(2).sum(-1, keepdim=True)
+    return logits.transpose(1, 2) + position_bias
+
+
+def hard_pool(maps: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hard-assignment pooling (§1.5) as one batched matmul (§9.1).
+
+    Each pixel contributes to its arg-max prototype only, weighted by its probability.
+    maps `(B, P, N)`, features `(B, N, D)` -> region features `(B, P, D)` (zero for an empty prototype) and
+    counts `(B, P)` (summed probabilities, 0 iff no pixel picks the prototype).
+    """
+    winners = torch.zeros_like(maps).scatter_(1, maps.argmax(1, keepdim=True), 1.0)
+    weights = maps * winners
+    counts = weights.sum(-1)
+    region_features = (weights @ features) / torch.where(counts == 0, 1.0, counts)[..., None]
+    return region_features, counts
+
+
+def renormalise_with_eps(maps: torch.Tensor, eps: float) -> torch.Tensor:
+    """The "eps" maps of §1.4, derived from the raw ones instead of recomputed (§9.4)."""
+    maps = maps + eps
+    return maps / maps.sum(1, keepdim=True)
+
+
+class IvptPrototypeStage(nn.Module):
+    """Prototypes and positional bias of one stage: tokens -> assignment maps (§1.4)."""
+
+    def __init__(self, config: IvptConfig, num_prototypes: int):
+        super().__init__()
+        hidden_size = config.backbone_geometry["hidden_size"]
+        self.prototypes = nn.Parameter(torch.empty(num_prototypes, hidden_size))
+        self.position_bias = nn.Parameter(torch.zeros(num_prototypes, config.grid_size, config.grid_size))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """features `(B, N, D)` (LayerNorm'd patch tokens, float32) -> raw maps `(B, P, N)`, softmax over P."""
+        with full_precision(features.device):
+            return prototype_logits(features, self.prototypes.float(), self.position_bias.float().flatten(1)).softmax(1)
+
+
+class IvptPromptStage(IvptPrototypeStage):
+    """An intermediate stage: also routes its foreground prototypes to the final parts (§1.6) and turns their region
+    features into `num_parts` prompt tokens for its block (§1.7)."""
+
+    def __init__(self, config: IvptConfig, num_prototypes: int):
+        super().__init__(config, num_prototypes)
+        hidden_size, num_parts = config.backbone_geometry["hidden_size"], config.num_parts
+        self.routing_head = nn.Linear(hidden_size, num_parts)
+        self.prompt_norm = nn.LayerNorm((num_parts, hidden_size), eps=1e-5)
+        self.prompt_projection = nn.Linear(hidden_size, hidden_size)
+        self.num_parts, self.tau, self.hard = num_parts, config.routing_tau, config.routing_hard
+
+    def route(self, region_features: torch.Tensor, counts: torch.Tensor, sample_noise: bool) -> torch.Tensor:
+        """Foreground region features `(B, F, D)` and counts `(B, F)` -> routing weights `(B, F, K)`, rows sum to 1.
+
+        Gumbel-softmax when `sample_noise`, plain softmax otherwise; empty prototypes get the uniform row 1/K.
+        """
+        logits = self.routing_head(region_features)
+        if sample_noise:  # the same Gumbel(0, 1) draw as torch.nn.functional.gumbel_softmax
+            logits = logits - torch.empty_like(logits).exponential_().log()
+        weights = (logits / self.tau).softmax(-1)
+        if self.hard:  # straight-through
+            one_hot = torch.zeros_like(weights).scatter_(-1, weights.argmax(-1, keepdim=True), 1.0)
+            weights = one_hot - weights.detach() + weights
+        return torch.where(counts[..., None] == 0, 1.0 / self.num_parts, weights)
+
+    def prompts(self, region_features: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """Routing-weighted mean of the foreground region features, normalised jointly over (K, D), projected.
+
+        region_features `(B, F, D)`, routing_weights `(B, F, K)` (detached by the caller) -> prompts `(B, K, D)`.
+        """
+        raw_prompts = torch.einsum("bjk,bjd->bkd", routing_weights, region_features)
+        raw_prompts = raw_prompts / routing_weights.sum(1)[..., None]
+        return self.prompt_projection(self.prompt_norm(raw_prompts))
+
+
+def project_maps(maps: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+    """Route a stage's raw maps `(B, P, N)` onto the final parts -> `(B, K + 1, N)`, background kept (§1.8)."""
+    foreground = torch.einsum("bjk,bjn->bkn", routing_weights, maps[:, :-1])
+    return torch.cat([foreground, maps[:, -1:]], dim=1)
+
+
+class IvptPreTrainedModel(PreTrainedModel):
+    config_class = IvptConfig
+    base_model_prefix = "ivpt"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "IvptPrototypeStage", "IvptPromptStage"]
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the §4.1 freezing again: transformers 5 re-wraps every loaded tensor
+        as a Parameter with `requires_grad=True`, which would silently unfreeze the backbone."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        for module in model.modules():
+            if isinstance(module, IvptModel):
+                module._freeze()
+        return loaded
+
+    @classmethod
+    def from_backbone(cls, backbone: str = IvptConfig.backbone, backbone_weights: str | None = None, **config_kwargs):
+        """A new IVPT model whose backbone carries pretrained timm weights.
+
+        The weights come from timm's pretrained config of `backbone` (the Hub) or, with `backbone_weights`, from a
+        local `.safetensors`/`.pth` file through the same timm code path (`pretrained_cfg_overlay=dict(file=...)`),
+        so checkpoints of DINOv2 work offline. They are copied after `post_init`, which never touches the backbone.
+        `config_kwargs` go to [`IvptConfig`].
+        """
+        config = IvptConfig(backbone=backbone, **config_kwargs)
+        overlay = None
+        if backbone_weights is not None:
+            if not os.path.isfile(backbone_weights):
+                raise FileNotFoundError(f"`backbone_weights`: no such file {backbone_weights!r}")
+            overlay = dict(file=os.fspath(backbone_weights))
+        pretrained = timm.create_model(
+            backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, img_size=config.image_size,
+            **config.backbone_kwargs,
+        )
+        model = cls(config)
+        base = getattr(model, cls.base_model_prefix, model)
+        base.backbone.load_state_dict(pretrained.state_dict())
+        return model
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """The initialisation of §1.3 for the IVPT tensors; the timm backbone keeps its own (or loaded) weights."""
+        if isinstance(module, IvptPrototypeStage):
+            init.normal_(module.prototypes, std=self.config.prototype_init_std)
+            init.zeros_(module.position_bias)
+        if isinstance(module, IvptPromptStage):
+            _default_linear_init(module.routing_head)
+            init.ones_(module.prompt_norm.weight)
+            init.zeros_(module.prompt_norm.bias)
+            init.trunc_normal_(module.prompt_projection.weight, std=0.02)
+            init.zeros_(module.prompt_projection.bias)
+        elif isinstance(module, IvptModel):
+            init.ones_(module.modulation.weight)
+            init.zeros_(module.modulation.bias)
+        elif isinstance(module, IvptForImageClassification):
+            init.trunc_normal_(module.classifier.weight, std=0.02)
+
+
+def _default_linear_init(linear: nn.Linear) -> None:
+    """PyTorch's own `nn.Linear` initialisation, through the flag-aware `transformers.initialization` helpers."""
+    init.kaiming_uniform_(linear.weight, a=5**0.5)
+    bound = 1 / linear.in_features**0.5
+    init.uniform_(linear.bias, -bound, bound)
+
+
+class IvptModel(IvptPreTrainedModel):
+    """Frozen timm ViT + cross-layer prototype stages (§1.11). Returns part features and maps, no class scores."""
+
+    def __init__(self, config: IvptConfig):
+        super().__init__(config)
+        self.backbone = timm.create_model(
+            config.backbone, pretrained=False, num_classes=0, img_size=config.image_size, **config.backbone_kwargs
+        )
+        hidden_size = self.backbone.embed_dim
+        self.stages = nn.ModuleList(
+            [IvptPromptStage(config, count) for count in config.n_pro[:-1]]
+            + [IvptPrototypeStage(config, config.n_pro[-1])]
+        )
+        self.modulation = nn.LayerNorm((hidden_size, config.num_parts + 1), eps=1e-5)
+        self.gradient_checkpointing = False
+        self._freeze()
+        self.post_init()
+
+    def _freeze(self) -> None:
+        """§4.1: backbone frozen except cls/reg/pos (final norm frozen too); prompt LayerNorm affine frozen (Q1)."""
+        if self.config.freeze_backbone:
+            trainable = {"cls_token", "reg_token", "pos_embed"}
+            for name, parameter in self.backbone.named_parameters():
+                parameter.requires_grad_(name in trainable)
+        if self.config.freeze_prompt_norm_affine:
+            for stage in self.stages[:-1]:
+                stage.prompt_norm.requires_grad_(False)
+
+    def _run_block(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(block.__call__, tokens)
+        return block(tokens)
+
+    def _patch_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Final-LayerNorm'd patch tokens in float32, `(B, N, D)`."""
+        return self.backbone.norm(tokens)[:, self.backbone.num_prefix_tokens :].float()
+
+    def _encode(self, pixel_values: torch.Tensor, sample_noise: bool):
+        """The block loop of §1.11: returns final tokens, per-stage patch features (detached) and raw maps, the
+        routing weights and projected maps of the intermediate stages."""
+        backbone = self.backbone
+        tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(pixel_values))))
+        num_tokens = tokens.shape[1]  # T0 = 1 + registers + patches
+        first_prompted = len(backbone.blocks) - self.config.num_prompted_blocks
+        for block in backbone.blocks[:first_prompted]:
+            tokens = self._run_block(block, tokens)
+
+        stage_features, raw_maps, routing_weights, projected_maps = [], [], [], []
+        for stage, block in zip(self.stages[:-1], backbone.blocks[first_prompted:]):
+            features = self._patch_features(tokens.detach())
+            maps = stage(features)  # (B, P, N)
+            with full_precision(tokens.device):
+                region_features, counts = hard_pool(maps.detach(), features)
+                routing = stage.route(region_features[:, :-1], counts[:, :-1], sample_noise)
+                prompts = stage.prompts(region_features[:, :-1], routing.detach())
+                projected_maps.append(project_maps(maps, routing))
+            tokens = self._run_block(block, torch.cat([tokens, prompts.to(tokens.dtype)], dim=1))[:, :num_tokens]
+            stage_features.append(features)
+            raw_maps.append(maps)
+            routing_weights.append(routing)
+
+        features = self._patch_features(tokens.detach())
+        stage_features.append(features)
+        raw_maps.append(self.stages[-1](features))
+        return tokens, stage_features, raw_maps, routing_weights, projected_maps
+
+    def _to_grid(self, maps: torch.Tensor) -> torch.Tensor:
+        return maps.unflatten(-1, (self.config.grid_size, self.config.grid_size))
+
+    def _sample_noise(self, sample_routing_noise: bool | None) -> bool:
+        if sample_routing_noise is not None:
+            return sample_routing_noise
+        return self.config.gumbel_routing and (self.training or self.config.sample_routing_noise_in_eval)
+
+    def forward(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None, **kwargs) -> IvptModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            Normalised images.
+        sample_routing_noise (`bool`, *optional*):
+            Draw Gumbel noise in the routing; defaults to `config.gumbel_routing` in training mode and to
+            `config.gumbel_routing and config.sample_routing_noise_in_eval` in eval mode.
+        """
+        tokens, _, raw_maps, routing_weights, projected_maps = self._encode(
+            pixel_values, self._sample_noise(sample_routing_noise)
+        )
+        eps_maps = [renormalise_with_eps(maps, self.config.map_eps) for maps in raw_maps]
+        with full_precision(tokens.device):
+            part_features, _ = hard_pool(eps_maps[-1], self._patch_features(tokens))  # (B, K+1, D)
+            part_features = self.modulation(part_features.transpose(1, 2))  # (B, D, K+1)
+        assignment_maps = tuple(self._to_grid(maps) for maps in eps_maps)
+        return IvptModelOutput(
+            part_features=part_features,
+            interpretation_maps=assignment_maps[self.config.interpretation_stage_index],
+            assignment_maps=assignment_maps,
+            projected_maps=(*projected_maps, eps_maps[-1]),
+            routing_weights=tuple(routing_weights),
+        )
+
+    def assignment_maps_only(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None):
+        """Stage maps with gradients to the prototypes and biases only, the rest run without autograd (§9.6).
+
+        This is the second (equivariance) pass: the maps are computed from detached tokens, so running the blocks
+        under `no_grad` and recomputing only distances and softmax gives the same gradients for far less memory.
+        """
+        with torch.no_grad():
+            _, stage_features, *_ = self._encode(pixel_values, self._sample_noise(sample_routing_noise))
+        return tuple(
+            self._to_grid(renormalise_with_eps(stage(features), self.config.map_eps))
+            for stage, features in zip(self.stages, stage_features)
+        )
+
+
+class IvptForImageClassification(IvptPreTrainedModel):
+    """IVPT with its shared per-part linear classifier (§1.9); logits are the mean of the part scores."""
+
+    def __init__(self, config: IvptConfig):
+        super().__init__(config)
+        self.ivpt = IvptModel(config)
+        self.classifier = nn.Linear(self.ivpt.backbone.embed_dim, config.num_labels, bias=False)
+        self.post_init()
+
+    def loss_weights(self) -> dict[str, float]:
+        config = self.config
+        return {
+            "classification": config.classification_loss_weight,
+            "consistency": config.consistency_loss_weight,
+            "presence": config.presence_loss_weight,
+            "orthogonality": config.orthogonality_loss_weight,
+            "equivariance": config.equivariance_loss_weight,
+            "total_variation": config.total_variation_loss_weight,
+            "enforced_presence": config.enforced_presence_loss_weight,
+            "entropy": config.entropy_loss_weight,
+        }
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        sample_routing_noise: bool | None = None,
+        **kwargs,
+    ) -> IvptImageClassifierOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
+            Normalised images.
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices. In training mode the loss is the full IVPT objective (a second forward pass on a warped copy
+            of the batch included); in eval mode the cross-entropy.
+        sample_routing_noise (`bool`, *optional*):
+            See [`IvptModel.forward`].
+        """
+        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise)
+        part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
+        logits = part_logits.mean(-1)
+        loss = loss_terms = None
+        if labels is not None:
+            if self.training:
+                loss, loss_terms = self._training_objective(pixel_values, labels, logits, outputs, sample_routing_noise)
+            else:
+                loss = F.cross_entropy(logits.float(), labels)
+                loss_terms = {"classification": loss}
+        return IvptImageClassifierOutput(
+            loss=loss, logits=logits, part_logits=part_logits, loss_terms=loss_terms, **outputs
+        )
+
+    def _training_objective(self, pixel_values, labels, logits, outputs, sample_routing_noise):
+        config = self.config
+        warp = sample_equivariance_warp(
+            config.image_size, config.equivariance_max_rotation, config.equivariance_max_translation,
+            config.equivariance_scale_range,
+        )
+        warped_maps = self.ivpt.assignment_maps_only(warp_images(pixel_values, warp), sample_routing_noise)
+        with full_precision(pixel_values.device):
+            return ivpt_objective(
+                logits.float(),
+                labels,
+                outputs.part_features,
+                outputs.assignment_maps,
+                outputs.projected_maps,
+                [unwarp_maps(maps, warp, config.image_size) for maps in warped_maps],
+                self.loss_weights(),
+            )
+
+
+__all__ = ["IvptPreTrainedModel", "IvptModel", "IvptForImageClassification", "IvptModelOutput",
+           "IvptImageClassifierOutput"]
