@@ -149,7 +149,8 @@ class IvptPromptStage(IvptPrototypeStage):
         region_features `(B, F, D)`, routing_weights `(B, F, K)` (detached by the caller) -> prompts `(B, K, D)`.
         """
         raw_prompts = torch.einsum("bjk,bjd->bkd", routing_weights, region_features)
-        raw_prompts = raw_prompts / routing_weights.sum(1)[..., None]
+        totals = routing_weights.sum(1)[..., None]  # (B, K, 1); 0 only when hard routing leaves a part unpicked
+        raw_prompts = raw_prompts / torch.where(totals == 0, 1.0, totals)
         return self.prompt_projection(self.prompt_norm(raw_prompts))
 
 
