@@ -180,11 +180,20 @@ def test_part_points_against_literal_loop(device):
     assert torch.equal(points.cpu(), expected_points)
 
 
+def test_part_points_accept_the_dataset_row_layouts():
+    keypoints, boxes = random_annotations(torch.Generator().manual_seed(1), 6)
+    part_ids = torch.arange(1, 16, dtype=torch.float64).expand(6, 15)[..., None]
+    image_index = torch.arange(6, dtype=torch.float64)[:, None]
+    expected = part_points_on_canvas(keypoints, boxes)
+    result = part_points_on_canvas(torch.cat([part_ids, keypoints], -1), torch.cat([image_index, boxes], -1))
+    assert all(torch.equal(a, b) for a, b in zip(result, expected))
+
+
 def test_part_points_rejects_bad_shapes():
     with pytest.raises(ValueError, match="`keypoints`"):
-        part_points_on_canvas(torch.zeros(2, 15, 4), torch.zeros(2, 4))
+        part_points_on_canvas(torch.zeros(2, 15, 2), torch.zeros(2, 4))
     with pytest.raises(ValueError, match="`boxes`"):
-        part_points_on_canvas(torch.zeros(2, 15, 3), torch.zeros(2, 5))
+        part_points_on_canvas(torch.zeros(2, 15, 3), torch.zeros(2, 3))
     with pytest.raises(ValueError, match="`keypoints` and `boxes`"):
         part_points_on_canvas(torch.zeros(2, 15, 3), torch.zeros(3, 4))
 

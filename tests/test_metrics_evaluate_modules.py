@@ -30,7 +30,8 @@ def test_accuracy_module_matches_pure_function():
     labels = torch.randint(0, 12, (64,), generator=generator)
     metric = evaluate.load(evaluate_module_path("ivpt_accuracy"))
     for start in range(0, 64, 16):  # streamed like an evaluation loop
-        metric.add_batch(predictions=logits[start : start + 16].tolist(), references=labels[start : start + 16].tolist())
+        batch = slice(start, start + 16)
+        metric.add_batch(predictions=logits[batch].tolist(), references=labels[batch].tolist())
     result = metric.compute()
     expected = classification_accuracies(logits, labels)
     assert result.keys() == expected.keys()

@@ -55,3 +55,38 @@ def pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     if height < 1 or width < 1:
         raise ValueError(f"Expected `{name}` to be positive, got {size!r}")
     return height, width
+
+
+def keypoint_xyv(keypoints: torch.Tensor, name: str = "keypoints") -> torch.Tensor:
+    """`(x, y, visible)` columns of a keypoint table.
+
+    Accepts `(num_images, num_parts, 3)` rows `(x, y, visible)` or `(num_images, num_parts, 4)`
+    rows `(part_id, x, y, visible)` as the §5.5 dataset returns them (the part id column is
+    dropped; rows must already be in part-id order).
+    """
+    check_shape(keypoints, name, ("num_images", "num_parts", "3|4"))
+    if keypoints.shape[-1] == 4:
+        return keypoints[..., 1:]
+    if keypoints.shape[-1] != 3:
+        raise ValueError(
+            f"Expected `{name}` of shape (num_images, num_parts, 3) rows (x, y, visible) or "
+            f"(num_images, num_parts, 4) rows (part_id, x, y, visible), got {tuple(keypoints.shape)}"
+        )
+    return keypoints
+
+
+def box_xywh(boxes: torch.Tensor, name: str = "boxes") -> torch.Tensor:
+    """`(x, y, width, height)` columns of a box table.
+
+    Accepts `(num_images, 4)` rows `(x, y, width, height)` or `(num_images, 5)` rows
+    `(image_index, x, y, width, height)` as the §5.5 dataset returns them.
+    """
+    check_shape(boxes, name, ("num_images", "4|5"))
+    if boxes.shape[-1] == 5:
+        return boxes[:, 1:]
+    if boxes.shape[-1] != 4:
+        raise ValueError(
+            f"Expected `{name}` of shape (num_images, 4) rows (x, y, width, height) or (num_images, 5) rows "
+            f"(image_index, x, y, width, height), got {tuple(boxes.shape)}"
+        )
+    return boxes

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._checks import check_labels, check_same_leading, check_shape
+from ._checks import box_xywh, check_labels, check_same_leading, check_shape, keypoint_xyv
 
 
 def part_points_on_canvas(
@@ -39,10 +39,13 @@ def part_points_on_canvas(
 
     Args:
         keypoints (`torch.Tensor` of shape `(num_images, num_parts, 3)`): CUB `part_locs.txt` rows
-            `(x, y, visible)` in original-image pixels, ordered by part id (index = part_id − 1).
-            Pass float64 (or exact) values: the truncations act on the stored numbers.
+            `(x, y, visible)` in original-image pixels, ordered by part id (index = part_id − 1);
+            `(num_images, num_parts, 4)` rows `(part_id, x, y, visible)` are accepted too. The
+            truncations act on the stored numbers: float32 is exact enough for CUB's one-decimal
+            annotations, float64 is safest.
         boxes (`torch.Tensor` of shape `(num_images, 4)`): CUB `bounding_boxes.txt` rows
-            `(x, y, width, height)` in original-image pixels.
+            `(x, y, width, height)` in original-image pixels (`(num_images, 5)` rows
+            `(image_index, x, y, width, height)` are accepted too).
         canvas (`int`, defaults to 224): canvas side length (hard-coded 224 in the reference).
 
     Returns:
@@ -51,8 +54,7 @@ def part_points_on_canvas(
           invisible parts;
         - visible of shape `(num_images, num_parts)`, bool, `visible == 1`.
     """
-    check_shape(keypoints, "keypoints", ("num_images", "num_parts", 3))
-    check_shape(boxes, "boxes", ("num_images", 4))
+    keypoints, boxes = keypoint_xyv(keypoints), box_xywh(boxes)
     check_same_leading("keypoints", keypoints, "boxes", boxes)
     keypoints = keypoints.to(torch.float64)
     boxes = boxes.to(device=keypoints.device, dtype=torch.float64)

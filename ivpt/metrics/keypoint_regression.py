@@ -14,7 +14,7 @@ import torch
 from sklearn.linear_model import LinearRegression
 from sklearn.preprocessing import StandardScaler
 
-from ._checks import check_same_leading, check_shape, pair
+from ._checks import box_xywh, check_same_leading, check_shape, keypoint_xyv, pair
 
 
 def part_centroid_features(
@@ -33,7 +33,8 @@ def part_centroid_features(
         maps (`torch.Tensor` of shape `(num_images, num_prototypes, height, width)`): assignment
             maps of the evaluated stage, background last.
         boxes (`torch.Tensor` of shape `(num_images, 4)`): `(x, y, width, height)` of the
-            bounding box in input-image pixels (after the §5.5 resize / center crop / clamp).
+            bounding box in input-image pixels (after the §5.5 resize / center crop / clamp);
+            `(num_images, 5)` rows `(image_index, x, y, width, height)` (§5.5) are accepted.
         image_size (`int` or `(height, width)`): input image size (518).
 
     Returns:
@@ -42,7 +43,7 @@ def part_centroid_features(
         - active of shape `(num_images, num_prototypes - 1)`, bool.
     """
     check_shape(maps, "maps", ("num_images", "num_prototypes", "height", "width"))
-    check_shape(boxes, "boxes", ("num_images", 4))
+    boxes = box_xywh(boxes)
     check_same_leading("maps", maps, "boxes", boxes)
     if maps.shape[1] < 2:
         raise ValueError(f"Expected `maps` with at least 2 channels (foreground + background), got {maps.shape[1]}")
@@ -67,15 +68,15 @@ def box_normalised_keypoints(keypoints: torch.Tensor, boxes: torch.Tensor) -> to
 
     Args:
         keypoints (`torch.Tensor` of shape `(num_images, num_keypoints, 3)`): `(x, y, visible)` in
-            input-image pixels.
-        boxes (`torch.Tensor` of shape `(num_images, 4)`): `(x, y, width, height)`, same pixels.
+            input-image pixels (`(..., 4)` rows `(part_id, x, y, visible)` are accepted).
+        boxes (`torch.Tensor` of shape `(num_images, 4)`): `(x, y, width, height)`, same pixels
+            (`(num_images, 5)` rows `(image_index, x, y, width, height)` are accepted).
 
     Returns:
         `torch.Tensor` of shape `(num_images, num_keypoints, 3)`, float64:
         `((x − box_x) / box_width, (y − box_y) / box_height, visible)`.
     """
-    check_shape(keypoints, "keypoints", ("num_images", "num_keypoints", 3))
-    check_shape(boxes, "boxes", ("num_images", 4))
+    keypoints, boxes = keypoint_xyv(keypoints), box_xywh(boxes)
     check_same_leading("keypoints", keypoints, "boxes", boxes)
     keypoints = keypoints.to(torch.float64)
     boxes = boxes.to(device=keypoints.device, dtype=torch.float64)

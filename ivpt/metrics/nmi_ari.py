@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 from sklearn.metrics import normalized_mutual_info_score
 
-from ._checks import check_same_leading, check_shape, pair
+from ._checks import check_same_leading, check_shape, keypoint_xyv, pair
 
 
 def keypoint_part_assignments(
@@ -36,6 +36,7 @@ def keypoint_part_assignments(
             maps of the evaluated stage (background last).
         keypoints (`torch.Tensor` of shape `(num_images, num_keypoints, 3)`): `(x, y, visible)` in
             pixels of the (center-cropped) input image; a keypoint is used if `visible > 0.5`.
+            `(num_images, num_keypoints, 4)` rows `(part_id, x, y, visible)` (§5.5) are accepted.
         image_size (`int` or `(height, width)`): input image size (518).
 
     Returns:
@@ -43,7 +44,7 @@ def keypoint_part_assignments(
         `(num_visible_keypoints,)`, in image-major then keypoint order, on the device of `maps`.
     """
     check_shape(maps, "maps", ("num_images", "num_prototypes", "height", "width"))
-    check_shape(keypoints, "keypoints", ("num_images", "num_keypoints", 3))
+    keypoints = keypoint_xyv(keypoints)
     check_same_leading("maps", maps, "keypoints", keypoints)
     height, width = pair(image_size, "image_size")
     if not maps.dtype.is_floating_point:
@@ -77,7 +78,8 @@ def nmi_ari(predicted: torch.Tensor | np.ndarray, ground_truth: torch.Tensor | n
     ground_truth = _to_numpy_labels(ground_truth, "ground_truth")
     if predicted.shape != ground_truth.shape:
         raise ValueError(
-            f"Expected `predicted` and `ground_truth` of the same shape, got {predicted.shape} and {ground_truth.shape}"
+            "Expected `predicted` and `ground_truth` of the same shape, "
+            f"got {predicted.shape} and {ground_truth.shape}"
         )
     if predicted.size == 0:
         raise ValueError("Expected at least one keypoint in `predicted`, got 0")
