@@ -1,0 +1,1 @@
+"""Local `evaluate` metric modules; load one with `evaluate.load(ivpt.metrics.evaluate_module_path(name))`."""
