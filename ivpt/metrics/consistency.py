@@ -207,7 +207,7 @@ def stability_score(
     check_same_leading("hits_clean", hits_clean, "labels", labels)
     identical = (hits_clean == hits_noisy.to(hits_clean.device)).all(dim=-1)  # (N, J)
     identical_counts = _class_sums(identical, labels, num_classes)  # (C, J)
-    image_counts = _class_sums(torch.ones_like(labels, dtype=torch.float64), labels, num_classes)  # (C,)
+    image_counts = _class_sums(torch.ones(labels.shape[0], device=identical.device), labels, num_classes)  # (C,)
     fraction = identical_counts / image_counts.clamp(min=1)[:, None]
     return 100.0 * fraction.sum().item() / fraction.numel()
 
