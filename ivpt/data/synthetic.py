@@ -90,8 +90,8 @@ _TAIL_SHAPES = ("Fan", "Spike", "Fork")
 # Canonical bird (facing +x, image y axis pointing down, unit = bird length L).
 _BODY = dict(centre=(0.0, 0.0), axes=(0.30, 0.17), angle=-10.0)
 _HEAD = dict(centre=(0.30, -0.17), radius=0.12)
-_EYE = dict(centre=(0.34, -0.20), radius=0.030)
-_WING = dict(centre=(-0.05, -0.03), axes=(0.22, 0.095), angle=-12.0)
+_EYE = dict(centre=(0.35, -0.185), radius=0.030)
+_WING = dict(centre=(-0.06, -0.01), axes=(0.22, 0.085), angle=-12.0)
 _TAILS = {
     "Fan": [(-0.24, -0.04), (-0.50, -0.12), (-0.53, 0.11), (-0.24, 0.07)],
     "Spike": [(-0.24, -0.05), (-0.57, 0.015), (-0.24, 0.08)],
@@ -101,19 +101,19 @@ _LEGS = {"near": ((0.03, 0.10), (0.01, 0.35)), "far": ((-0.07, 0.10), (-0.09, 0.
 # Canonical keypoints, for the side the viewer sees ("near" = the bird's right side when it faces
 # +x). "left eye"/"left wing" are the far side and hidden in this view.
 _KEYPOINTS = {
-    "back": (-0.12, -0.12),
+    "back": (0.0, -0.14),
     "beak": None,  # centroid of the drawn beak (depends on its length)
     "belly": (-0.02, 0.12),
     "breast": (0.17, 0.05),
     "crown": (0.29, -0.25),
-    "forehead": (0.37, -0.25),
+    "forehead": (0.33, -0.25),
     "nape": (0.21, -0.20),
     "near eye": _EYE["centre"],
     "near leg": (0.02, 0.27),
     "far leg": (-0.08, 0.27),
     "near wing": _WING["centre"],
     "tail": (-0.38, 0.02),
-    "throat": (0.29, -0.06),
+    "throat": (0.25, -0.01),
 }
 
 
