@@ -1,6 +1,6 @@
 """Data: CUB-200-2011 builder and loader, synthetic CUB generator, IVPT transforms (spec §4.5, §5, §6)."""
 
-from .cub import CONFIG_NAMES, CubFormatError, Cub200, Cub200Config, crop_box_from_text, load_cub, read_annotations
+from .cub import CONFIG_NAMES, Cub200, Cub200Config, CubFormatError, crop_box_from_text, load_cub, read_annotations
 from .synthetic import CUB_PART_NAMES, generate_cub
 from .transforms import (
     IMAGENET_MEAN,
@@ -9,8 +9,8 @@ from .transforms import (
     batch_transform,
     consistency_part_points,
     consistency_transform,
+    eval_transform,
     parts_eval_preprocess,
-    test_transform,
     train_transform,
 )
 
@@ -27,10 +27,10 @@ __all__ = [
     "consistency_part_points",
     "consistency_transform",
     "crop_box_from_text",
+    "eval_transform",
     "generate_cub",
     "load_cub",
     "parts_eval_preprocess",
     "read_annotations",
-    "test_transform",
     "train_transform",
 ]

@@ -1,7 +1,7 @@
 """Image transforms of the IVPT recipe that also move keypoints, boxes and masks.
 
 * `train_transform` — on-the-fly training augmentation (spec §4.5);
-* `test_transform` — classification evaluation (resize shorter side, centre crop; §4.5);
+* `eval_transform` — classification evaluation (resize shorter side, centre crop; §4.5);
 * `consistency_transform` + `consistency_part_points` — consistency / stability protocol (§6.2);
 * `parts_eval_preprocess` — part-annotated NMI / ARI / KPR items (§5.5), exact arithmetic.
 
@@ -37,7 +37,7 @@ __all__ = [
     "from_tv_sample",
     "update_keypoint_rows",
     "train_transform",
-    "test_transform",
+    "eval_transform",
     "consistency_transform",
     "apply_transform",
     "batch_transform",
@@ -171,7 +171,7 @@ def train_transform(
     )
 
 
-def test_transform(
+def eval_transform(
     image_size: int = 518, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> v2.Compose:
     """§4.5 / §6.1 evaluation: resize shorter side → centre crop → [0, 1] → ImageNet normalisation."""
