@@ -201,6 +201,7 @@ def parse_arguments(argv: list[str] | None = None):
     if argv and argv[0].endswith(RECIPE_SUFFIXES) and not argv[0].startswith("-"):
         recipe = read_recipe(argv.pop(0))
     parser = HfArgumentParser(ARGUMENT_CLASSES)
+    parser.allow_abbrev = False  # a misspelt flag must fail, not match a longer one by prefix
     model_args, data_args, training_args, remaining = parser.parse_args_into_dataclasses(
         args=_recipe_to_argv(recipe) + argv, return_remaining_strings=True
     )

@@ -40,6 +40,7 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .image_processing import make_image_processor
 from .metrics import classification_accuracies
 from .modeling_ivpt import IvptForImageClassification
 
@@ -332,7 +333,8 @@ class IvptTrainer(Trainer):
     """`transformers.Trainer` with the IVPT recipe (see the module docstring).
 
     Use with [`IvptTrainingArguments`] (plain `TrainingArguments` work too: the recipe's lr factors, schedule and
-    seeding then take their defaults) and an [`IvptForImageClassification`]. Extra keyword arguments:
+    seeding then take their defaults) and an [`IvptForImageClassification`]. `compute_metrics` defaults to
+    [`compute_classification_metrics`] and `processing_class` to the model's image processor. Extra keyword arguments:
 
     Args:
         recipe (`dict`, *optional*):
@@ -347,6 +349,9 @@ class IvptTrainer(Trainer):
 
     def __init__(self, *args, recipe: dict[str, Any] | None = None, final_eval_dataset=None, **kwargs):
         kwargs.setdefault("compute_metrics", compute_classification_metrics)
+        model = kwargs.get("model", args[0] if args else None)
+        if kwargs.get("processing_class") is None and model is not None:
+            kwargs["processing_class"] = make_image_processor(model.config.image_size)  # saved with every checkpoint
         super().__init__(*args, **kwargs)
         # The forward takes **kwargs, but does not normalise by `num_items_in_batch`.
         self.model_accepts_loss_kwargs = False

@@ -1,0 +1,383 @@
+"""IvptTrainer and train_ivpt.py: parameter groups (§4.1/§4.2), StepLR (§4.3), a short CPU training run with every
+loss term logged and a reloadable checkpoint, exact resume, and the bad-input errors of the CLI."""
+
+import json
+import math
+import os
+import sys
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY_BACKBONE_KWARGS, tiny_config
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+from ivpt import IvptForImageClassification  # noqa: E402
+from ivpt.losses import LOSS_TERMS  # noqa: E402
+from ivpt.trainer import (  # noqa: E402
+    PARAMETER_GROUPS,
+    EpochStepDecay,
+    IvptTrainer,
+    IvptTrainingArguments,
+    ivpt_parameter_groups,
+    normalised_weight_decay,
+    parameter_group_members,
+)
+from ivpt.training_data import (  # noqa: E402
+    AugmentationEpochCallback,
+    DataError,
+    SampleSeededTransform,
+    build_transforms,
+    prepare_splits,
+)
+
+REG_BACKBONE_KWARGS = {**TINY_BACKBONE_KWARGS, "reg_tokens": 2, "no_embed_class": True}
+TINY_FLAGS = [
+    "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS), "--image_size", "64", "--n_pro", "6,5,4",
+    "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+]
+
+
+def random_images(count, seed, size=(72, 80)):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def image_dataset(count, num_labels=7, seed=0):
+    """`count` random RGB images (72×80) with labels cycling over `num_labels` ClassLabel classes."""
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=[f"c{i}" for i in range(num_labels)])}
+    )
+    return datasets.Dataset.from_dict(
+        {"image": random_images(count, seed), "label": [i % num_labels for i in range(count)]}, features=features
+    )
+
+
+def training_set(count, seed=0, augmentation="cub_original"):
+    data = prepare_splits(datasets.DatasetDict({"train": image_dataset(count, seed=seed)}), "test data", "train", None)
+    train, _ = build_transforms(64, augmentation)
+    transform = SampleSeededTransform(train, seed=42)
+    return data.splits["train"].with_transform(transform), transform
+
+
+def training_args(output_dir, **overrides):
+    kwargs = dict(
+        output_dir=str(output_dir), use_cpu=True, report_to="none", disable_tqdm=True, save_strategy="no",
+        per_device_train_batch_size=4, logging_steps=1, dataloader_num_workers=0, seed=42,
+    )
+    kwargs.update(overrides)
+    return IvptTrainingArguments(**kwargs)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return IvptForImageClassification(tiny_config(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Parameter groups (§4.1, §4.2)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_parameter_groups_match_spec():
+    model = tiny_model(backbone_kwargs=REG_BACKBONE_KWARGS)
+    members = parameter_group_members(model)
+    assert list(members) == list(PARAMETER_GROUPS)
+    assert members["finer"]["frozen"] == members["modulation"]["frozen"] == members["scratch"]["frozen"] == []
+    assert members["backbone_decay"]["trainable"] == members["backbone_no_decay"]["trainable"] == []
+    assert sorted(members["finer"]["trainable"]) == sorted(
+        ["ivpt.backbone.cls_token", "ivpt.backbone.reg_token", "ivpt.backbone.pos_embed"]
+        + [f"ivpt.stages.{s}.{name}" for s in range(3) for name in ("prototypes", "position_bias")]
+    )
+    assert sorted(members["modulation"]["trainable"]) == sorted(
+        ["ivpt.modulation.weight", "ivpt.modulation.bias"]
+        + [f"ivpt.stages.{s}.{m}.{p}" for s in range(2) for m in ("routing_head", "prompt_projection")
+           for p in ("weight", "bias")]
+    )
+    assert members["scratch"]["trainable"] == ["classifier.weight"]
+    # Frozen: the whole backbone except cls/reg/pos (final norm included, Q2) and the prompt LayerNorm (Q1), which
+    # lands in the backbone-with-decay group because its (K, D) affine is 2-D.
+    decay, no_decay = members["backbone_decay"]["frozen"], members["backbone_no_decay"]["frozen"]
+    prompt_norm = [f"ivpt.stages.{s}.prompt_norm.{p}" for s in range(2) for p in ("weight", "bias")]
+    assert set(prompt_norm) <= set(decay)
+    assert {"ivpt.backbone.norm.weight", "ivpt.backbone.norm.bias", "ivpt.backbone.patch_embed.proj.bias"} <= set(
+        no_decay
+    )
+    assert "ivpt.backbone.patch_embed.proj.weight" in decay
+    backbone = {f"ivpt.backbone.{n}" for n, _ in model.ivpt.backbone.named_parameters()}
+    tokens = {"ivpt.backbone.cls_token", "ivpt.backbone.reg_token", "ivpt.backbone.pos_embed"}
+    assert set(decay) | set(no_decay) == (backbone - tokens) | set(prompt_norm)
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == set(decay) | set(no_decay)
+
+    groups = ivpt_parameter_groups(model, 1e-6, 2e2, 1e4, 1e4)
+    assert [g["name"] for g in groups] == list(PARAMETER_GROUPS)
+    assert [g["lr"] for g in groups] == pytest.approx([1e-6, 1e-6, 2e-4, 1e-2, 1e-2])
+    assert all(g["weight_decay"] == 0 for g in groups)
+    assert groups[0]["params"] == groups[1]["params"] == []  # frozen tensors are not handed to the optimizer
+
+
+def test_unfrozen_prompt_norm_joins_modulation_group():
+    model = tiny_model(freeze_prompt_norm_affine=False)
+    members = parameter_group_members(model)
+    assert "ivpt.stages.0.prompt_norm.weight" in members["modulation"]["trainable"]
+
+
+def test_trainer_optimizer_groups_and_normalised_weight_decay(tmp_path):
+    train, _ = training_set(40)
+    model = tiny_model()
+    args = training_args(tmp_path, weight_decay=0.1, num_train_epochs=2, per_device_train_batch_size=4)
+    trainer = IvptTrainer(model=model, args=args, train_dataset=train)
+    optimizer = trainer.create_optimizer()
+    assert isinstance(optimizer, torch.optim.Adam) and not isinstance(optimizer, torch.optim.AdamW)
+    wd = 0.1 * math.sqrt(1 / (10 * 2))  # I = floor(40 / 4), E = 2
+    assert normalised_weight_decay(0.1, 40, 4, 2) == pytest.approx(wd)
+    by_name = {g["name"]: g for g in optimizer.param_groups}
+    assert by_name["scratch"]["weight_decay"] == pytest.approx(wd)
+    assert by_name["backbone_decay"]["weight_decay"] == pytest.approx(wd)
+    assert by_name["finer"]["weight_decay"] == by_name["modulation"]["weight_decay"] == 0
+    assert by_name["finer"]["lr"] == pytest.approx(2e-4)
+    handed = {id(p) for g in optimizer.param_groups for p in g["params"]}
+    assert handed == {id(p) for p in model.parameters() if p.requires_grad}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# StepLR (§4.3)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def expected_factor(epoch):  # 1-based epoch, §4.3
+    return 0.5 ** ((epoch - 1) // 4)
+
+
+def test_epoch_step_decay_25_epochs():
+    decay = EpochStepDecay(steps_per_epoch=374)
+    factors = [decay(epoch * 374 + offset) for epoch in range(25) for offset in (0, 373)]
+    expected = [expected_factor(e) for e in range(1, 26) for _ in (0, 1)]
+    assert factors == expected
+    assert expected_factor(25) == 0.015625 and expected_factor(5) == 0.5 and expected_factor(21) == 0.03125
+
+
+@pytest.mark.parametrize("accumulation", [1, 2, 3])
+def test_trainer_step_lr_per_epoch(tmp_path, accumulation):
+    """10 images, batch 2 → 5 batches per epoch → ceil(5 / accumulation) optimizer updates per epoch (the Trainer's
+    count, its last update of an epoch taking the remainder batches); the lr of every group follows §4.3."""
+    train, _ = training_set(10)
+    args = training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
+                         num_train_epochs=25)
+    trainer = IvptTrainer(model=tiny_model(), args=args, train_dataset=train)
+    _, per_epoch, *_, max_steps = trainer.set_initial_training_values(args, trainer.get_train_dataloader())
+    assert per_epoch == math.ceil(5 / accumulation) and max_steps == 25 * per_epoch
+    trainer.create_optimizer_and_scheduler(max_steps)
+    base = [g["lr"] for g in trainer.optimizer.param_groups]
+    for step in range(max_steps):
+        epoch = step // per_epoch + 1
+        lrs = [g["lr"] for g in trainer.optimizer.param_groups]
+        assert lrs == pytest.approx([b * expected_factor(epoch) for b in base]), (step, epoch)
+        trainer.optimizer.step()
+        trainer.lr_scheduler.step()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Training run, logging, checkpoint reload
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_short_training_run_logs_every_term_and_reloads(tmp_path):
+    train, transform = training_set(16)
+    model = tiny_model()
+    args = training_args(tmp_path / "run", max_steps=4, save_strategy="steps", save_steps=4, logging_steps=2)
+    trainer = IvptTrainer(model=model, args=args, train_dataset=train, callbacks=[AugmentationEpochCallback(transform)])
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logs) == 2
+    for entry in logs:
+        assert math.isfinite(entry["loss"])
+        for term in LOSS_TERMS:
+            assert math.isfinite(entry[f"loss_{term}"]), term
+        assert entry["learning_rate_finer"] == pytest.approx(2e-4)
+        assert entry["learning_rate_scratch"] == pytest.approx(1e-2)
+    # The weighted sum of the logged terms is the logged total (all weights 1; both averaged over the same batches).
+    assert sum(logs[-1][f"loss_{t}"] for t in LOSS_TERMS) == pytest.approx(logs[-1]["loss"], rel=1e-4)
+
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    for name in ("model.safetensors", "config.json", "modeling_ivpt.py", "configuration_ivpt.py", "losses.py",
+                 "preprocessor_config.json", "README.md", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
+        assert (checkpoint / name).is_file(), name
+    reloaded = IvptForImageClassification.from_pretrained(checkpoint).eval()
+    assert {n for n, p in reloaded.named_parameters() if p.requires_grad} == {
+        n for n, p in model.named_parameters() if p.requires_grad
+    }
+    pixels = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(pixels).logits, reloaded(pixels).logits)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _Killed(Exception):
+    pass
+
+
+def _kill_after(step):
+    from transformers import TrainerCallback
+
+    class KillAfterSave(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise _Killed(step)
+
+    return KillAfterSave()
+
+
+def _resume_run(output_dir, kill_at=None, resume=None):
+    train, transform = training_set(12, seed=3)
+    args = training_args(
+        output_dir, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=7, save_strategy="steps",
+        save_steps=2, lr_decay_epochs=1, learning_rate=1e-5, logging_steps=1,
+    )
+    callbacks = [AugmentationEpochCallback(transform)] + ([_kill_after(kill_at)] if kill_at else [])
+    trainer = IvptTrainer(model=tiny_model(seed=1), args=args, train_dataset=train, callbacks=callbacks)
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    """12 images, batch 2, accumulation 2 → 3 updates per epoch; lr halves every epoch; random augmentation, Gumbel
+    routing and warps on. Killed right after the (mid-epoch) checkpoint of update 4 and resumed from it, the run ends
+    with the same weights, optimizer step count and lr as the uninterrupted one."""
+    full = _resume_run(tmp_path / "full")
+    with pytest.raises(_Killed):
+        _resume_run(tmp_path / "killed", kill_at=4)
+    checkpoint = tmp_path / "killed" / "checkpoint-4"
+    assert checkpoint.is_dir()
+    resumed = _resume_run(tmp_path / "killed", resume=str(checkpoint))
+    assert resumed.state.global_step == full.state.global_step == 7
+    for (name, a), (_, b) in zip(full.model.named_parameters(), resumed.model.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert [g["lr"] for g in full.optimizer.param_groups] == [g["lr"] for g in resumed.optimizer.param_groups]
+    assert full.optimizer.param_groups[2]["lr"] == pytest.approx(1e-5 * 2e2 * 0.25)  # epoch 3
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# train_ivpt.py
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    for split, per_class in (("train", 2), ("test", 1)):
+        for label in range(7):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for index, image in enumerate(random_images(per_class, seed=label * 10 + len(split))):
+                image.save(folder / f"{index}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def cli_run(image_folder, tmp_path_factory):
+    import train_ivpt
+
+    output = tmp_path_factory.mktemp("cli") / "run"
+    recipe = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
+    recipe.write_text(
+        "backbone_kwargs: " + json.dumps(TINY_BACKBONE_KWARGS) + "\nimage_size: 64\nn_pro: [6, 5, 4]\n"
+        "per_device_train_batch_size: 4\nlearning_rate: 1.0e-6\nsave_strategy: steps\nsave_steps: 2\n"
+        "use_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
+    )
+    results = train_ivpt.main(
+        [str(recipe), "--dataset_name", str(image_folder), "--output_dir", str(output), "--max_steps", "2"]
+    )
+    return output, results
+
+
+def test_cli_training_writes_hf_checkpoint_and_eval_results(cli_run):
+    output, results = cli_run
+    for name in ("model.safetensors", "config.json", "modeling_ivpt.py", "configuration_ivpt.py", "losses.py",
+                 "preprocessor_config.json", "README.md", "eval_results.json"):
+        assert (output / name).is_file(), name
+    saved = json.loads((output / "eval_results.json").read_text())
+    assert saved == json.loads(json.dumps(results))
+    assert saved["final"]["test_num_samples"] == 7 and "best" not in saved
+    for key in ("test_top1_micro", "test_top1_macro", "test_top5_micro", "test_top5_macro"):
+        assert 0 <= saved["final"][key] <= 100
+    card = (output / "README.md").read_text()
+    assert "final_test_top1_micro" in card and "learning_rate" in card
+    config = json.loads((output / "config.json").read_text())
+    assert config["n_pro"] == [6, 5, 4] and len(config["id2label"]) == 7
+
+
+def _main(argv):
+    import train_ivpt
+
+    return train_ivpt.main(argv)
+
+
+def test_unknown_recipe_key(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("learning_rat: 1.0e-6\nnum_train_epochs: 1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml.*learning_rat"):
+        _main([str(recipe), "--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_command_line_flag(tmp_path):
+    with pytest.raises(ValueError, match="--learning_rat"):
+        _main(["--data_dir", str(tmp_path), "--output_dir", str(tmp_path / "out"), "--learning_rat", "1"])
+
+
+def test_missing_data_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="--data_dir.*nowhere"):
+        _main(["--data_dir", str(tmp_path / "nowhere"), "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
+    assert not (tmp_path / "out").exists()
+
+
+def test_dataset_without_needed_column(image_folder, tmp_path):
+    with pytest.raises(DataError, match="missing column.*fine_label"):
+        _main(["--dataset_name", str(image_folder), "--label_column", "fine_label",
+               "--output_dir", str(tmp_path / "out"), *TINY_FLAGS])
+    assert not (tmp_path / "out").exists()
+
+
+def test_labels_out_of_range(image_folder, tmp_path):
+    with pytest.raises(DataError, match="declares 7 classes"):
+        _main(["--dataset_name", str(image_folder), "--num_labels", "3", "--output_dir", str(tmp_path / "out"),
+               *TINY_FLAGS])
+    plain = datasets.Dataset.from_dict({"image": random_images(3, 0), "label": [0, 4, 9]}).cast_column(
+        "image", datasets.Image()
+    )
+    with pytest.raises(DataError, match="split 'train': label 9 of row 2 is out of range \\[0, 5\\)"):
+        prepare_splits(datasets.DatasetDict({"train": plain}), "dataset 'x'", "train", None, num_labels=5)
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_needs_named_split(image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--eval_split"):
+        _main(["--dataset_name", str(image_folder), "--eval_strategy", "steps", "--output_dir", str(tmp_path / "o"),
+               *TINY_FLAGS])
+
+
+def test_checkpoint_from_another_config(cli_run, image_folder):
+    output, _ = cli_run
+    before = {name: os.path.getmtime(output / name) for name in os.listdir(output)}
+    with pytest.raises(ValueError, match="another model configuration.*n_pro"):
+        _main(["--dataset_name", str(image_folder), "--output_dir", str(output), "--backbone_kwargs",
+               json.dumps(TINY_BACKBONE_KWARGS), "--image_size", "64", "--n_pro", "5,4,3", "--use_cpu", "true",
+               "--resume_from_checkpoint", "latest"])
+    assert before == {name: os.path.getmtime(output / name) for name in os.listdir(output)}
+
+
+def test_existing_run_is_not_overwritten(cli_run, image_folder):
+    output, _ = cli_run
+    with pytest.raises(ValueError, match="already holds a training run"):
+        _main(["--dataset_name", str(image_folder), "--output_dir", str(output), *TINY_FLAGS])
