@@ -11,6 +11,7 @@ from .transforms import (
     consistency_transform,
     eval_transform,
     parts_eval_preprocess,
+    test_transform,
     train_transform,
 )
 
@@ -32,5 +33,6 @@ __all__ = [
     "load_cub",
     "parts_eval_preprocess",
     "read_annotations",
+    "test_transform",
     "train_transform",
 ]
