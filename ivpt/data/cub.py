@@ -61,7 +61,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 import datasets
 from datasets.builder import Key
-from PIL import Image
+from PIL import Image, ImageFile
 
 logger = logging.getLogger(__name__)
 
@@ -417,6 +417,7 @@ def _read_rgb(path: Path, record: CubRecord, images_txt: Path) -> tuple[Image.Im
         data = path.read_bytes()
     except FileNotFoundError:
         raise CubFormatError(f"{where}: image file not found") from None
+    previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # never accept truncation
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()  # full decode: truncated files raise here
@@ -424,6 +425,8 @@ def _read_rgb(path: Path, record: CubRecord, images_txt: Path) -> tuple[Image.Im
             rgb = image.convert("RGB") if mode != "RGB" else image.copy()
     except Exception as error:  # PIL raises several types (OSError, SyntaxError, ValueError...)
         raise CubFormatError(f"{where}: cannot decode image ({type(error).__name__}: {error})") from error
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
     converted = not (fmt == "JPEG" and mode == "RGB")
     if converted:
         logger.info("%s: %s %s image converted to RGB", where, fmt, mode)

@@ -434,12 +434,10 @@ def _write_layout(root: Path, classes: int, images_per_class: int, size: int, se
 
 
 def _add_tree(tar: tarfile.TarFile, directory: Path, arcname: str) -> None:
-    """Adds `directory` with sorted members and fixed metadata (reproducible archives)."""
-    paths = [directory, *sorted(directory.rglob("*"))]
-    for path in paths:
-        info = tar.gettarinfo(str(path), arcname=f"{arcname}/{path.relative_to(directory).as_posix()}".rstrip("/."))
-        if path == directory:
-            info.name = arcname
+    """Adds `directory` as `arcname` with sorted members and fixed metadata (reproducible archives)."""
+    for path in [directory, *sorted(directory.rglob("*"))]:
+        relative = path.relative_to(directory).as_posix()
+        info = tar.gettarinfo(str(path), arcname=arcname if relative == "." else f"{arcname}/{relative}")
         info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
         if path.is_file():
             with path.open("rb") as handle:
