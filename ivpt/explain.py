@@ -226,7 +226,8 @@ class IvptImageClassificationPipeline(ImageClassificationPipeline):
 
     Extra call argument:
         return_explanation (`bool`, *optional*, defaults to `False`): return
-            `{"predictions": [{"label", "score"}, ...], "explanation": Explanation}` per image instead of the top-k list.
+            `{"predictions": [{"label", "score"}, ...], "explanation": Explanation}` per image instead of the top-k
+            list.
 
     The model always runs in eval mode (each submodule's mode restored afterwards), so the routing is deterministic
     unless `config.sample_routing_noise_in_eval` is set. Works with `batch_size > 1`: the model outputs are passed

@@ -73,7 +73,7 @@ def __getattr__(name: str):
 
 
 def stage_names(config) -> list[str]:
-    """Names of the `S + 1` stages, `Layer_<depth - S + s>` (ALGORITHM.md §0; "Layer_8 … Layer_12" for ViT-B, 5 stages).
+    """Names of the `S + 1` stages, `Layer_<depth - S + s>` (ALGORITHM.md §0: "Layer_8 … Layer_12" for ViT-B, S = 4).
 
     The number is the count of backbone blocks already applied when the stage map is computed; the depth is read from
     the config (§8 Q29: not hard-coded to 12).
@@ -135,7 +135,7 @@ def categorical_palette(num_colours: int) -> np.ndarray:
 
 
 def grid_shape(num_images: int) -> tuple[int, int]:
-    """`(rows, cols)` of the overlay grid: the two largest complementary factors, `cols <= rows` (4 -> 2x2, 6 -> 3x2)."""
+    """`(rows, cols)` of the overlay grid: the two largest complementary factors, cols <= rows (4 -> 2x2, 6 -> 3x2)."""
     if num_images < 1:
         raise ValueError(f"Expected `num_images` >= 1, got {num_images}")
     cols = max(d for d in range(1, math.isqrt(num_images) + 1) if num_images % d == 0)
@@ -561,7 +561,7 @@ def hierarchy_cells(
         `S + 1` lists of `K` boolean `(height, width)` arrays.
     """
     if len(labels) != len(parents) + 1:
-        raise ValueError(f"Expected `labels` with {len(parents) + 1} stages (one more than `parents`), got {len(labels)}")
+        raise ValueError(f"Expected `labels` with {len(parents) + 1} stages (`parents` + 1), got {len(labels)}")
     cells = []
     for label_map, stage_parents in zip(labels, parents):
         stage_parents = _parent_array(stage_parents)
