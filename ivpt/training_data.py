@@ -207,11 +207,11 @@ class AugmentationEpochCallback(TrainerCallback):
 
 def build_transforms(image_size: int, augmentation: str = "cub_original"):
     """(train, test) torchvision v2 pipelines of §4.5; `augmentation="none"` trains on the test pipeline."""
-    from .data.transforms import test_transform, train_transform
+    from .data.transforms import eval_transform, train_transform
 
     if augmentation not in ("cub_original", "none"):
         raise DataError(f"`--augmentation`: expected 'cub_original' or 'none', got {augmentation!r}")
-    test = test_transform(image_size)
+    test = eval_transform(image_size)
     return (train_transform(image_size) if augmentation == "cub_original" else test), test
 
 
