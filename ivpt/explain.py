@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import os
 from pathlib import Path
 
@@ -66,14 +66,14 @@ class Explanation:
     label_id: int
     label: str
     probability: float
-    probabilities: np.ndarray
+    probabilities: np.ndarray = field(repr=False)
     part_scores: np.ndarray
     stage_names: tuple[str, ...]
-    stage_maps: tuple[np.ndarray, ...]
-    routing_weights: tuple[np.ndarray, ...]
+    stage_maps: tuple[np.ndarray, ...] = field(repr=False)
+    routing_weights: tuple[np.ndarray, ...] = field(repr=False)
     routing_parents: tuple[np.ndarray, ...]
     routing_strengths: tuple[np.ndarray, ...]
-    image: np.ndarray
+    image: np.ndarray = field(repr=False)
 
     @property
     def num_parts(self) -> int:
