@@ -1,0 +1,63 @@
+"""Evaluation reports: metrics.json and a Markdown table next to the published numbers (atomic writes)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .paper_numbers import PUBLISHED
+
+# (key in the flat metrics dict, label, better)
+ROWS = (
+    ("top1_micro", "top-1 accuracy (micro) %", "↑"),
+    ("top1_macro", "top-1 accuracy (macro) %", "↑"),
+    ("top5_micro", "top-5 accuracy (micro) %", "↑"),
+    ("consistency", "consistency %", "↑"),
+    ("stability", "stability %", "↑"),
+    ("nmi", "NMI %", "↑"),
+    ("ari", "ARI %", "↑"),
+    ("kpr", "keypoint regression error % of box", "↓"),
+    ("foreground_iou", "foreground IoU %", "↑"),
+    ("background_iou", "background IoU %", "↑"),
+)
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Writes `text` to a temporary file next to `path`, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def flatten_metrics(metrics: dict) -> dict[str, float]:
+    """`{"accuracy": {"top1_micro": ..}, "nmi": ..}` -> one level of numbers."""
+    flat = {}
+    for key, value in metrics.items():
+        if isinstance(value, dict):
+            flat.update({k: v for k, v in value.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[key] = value
+    return flat
+
+
+def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLISHED) -> str:
+    """One row per metric; our columns (name -> metrics), then the published columns ("–" where not reported)."""
+    columns = {name: flatten_metrics(values) for name, values in columns.items()}
+    headers = ["metric", *columns, *published]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for key, label, better in ROWS:
+        cells = [columns[name].get(key) for name in columns] + [published[name].get(key) for name in published]
+        if all(cell is None for cell in cells[: len(columns)]):
+            continue
+        lines.append(f"| {label} {better} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    return "\n".join(lines)

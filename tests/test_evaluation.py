@@ -1,0 +1,92 @@
+"""evaluate_interpretability.py end to end on a generated CUB dataset with a tiny model."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from ivpt import IvptForImageClassification
+from ivpt.data import generate_cub
+from ivpt.evaluation import EvaluationSettings, evaluate_interpretability, parse_metrics
+from ivpt.image_processing import make_image_processor
+from ivpt.report import markdown_table
+
+from conftest import tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def cub_dir(tmp_path_factory):
+    return generate_cub(tmp_path_factory.mktemp("cub"), classes=4, images_per_class=6, size=96, seed=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = IvptForImageClassification(tiny_config(num_labels=4))
+    path = tmp_path_factory.mktemp("checkpoint")
+    model.save_pretrained(path)
+    make_image_processor(64).save_pretrained(path)
+    return path
+
+
+def test_parse_metrics():
+    assert parse_metrics("all") == ["accuracy", "consistency", "stability", "nmi_ari", "kpr", "fg_iou"]
+    assert parse_metrics("nmi_ari, kpr") == ["nmi_ari", "kpr"]
+    with pytest.raises(ValueError, match="--metrics"):
+        parse_metrics("accuracy,bogus")
+
+
+def test_cli_every_metric(tmp_path, cub_dir, checkpoint):
+    out = tmp_path / "eval"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "evaluate_interpretability.py"), "--model_name_or_path", str(checkpoint),
+         "--data_dir", str(cub_dir), "--metrics", "all", "--output_dir", str(out), "--batch_size", "5",
+         "--cache_dir", str(tmp_path / "cache"), "--device", "cpu"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    values = metrics["metrics"]
+    for key in ("consistency", "stability", "nmi", "ari", "kpr", "foreground_iou", "background_iou"):
+        assert math.isfinite(values[key]), key
+    assert 0 <= values["consistency"] <= 100 and 0 <= values["stability"] <= 100
+    assert values["accuracy"]["num_images"] == 12 and values["consistency_num_images"] == 12
+    assert metrics["protocol"]["half_size"] == 36 and metrics["protocol"]["stage_index"] == -3
+    assert len(metrics["model_fingerprint"]) == 16 and len(metrics["data_fingerprint"]) == 16
+    report = (out / "report.md").read_text()
+    assert "consistency" in report and "75.30" in report  # next to the published IVPT number
+    assert list((out / "figures").rglob("*.png"))
+
+
+def test_cli_rejects_bad_arguments(tmp_path, checkpoint):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "evaluate_interpretability.py"), "--model_name_or_path", str(checkpoint),
+         "--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2 and "--data_dir" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_stability_is_seeded_and_noise_free_stability_is_100(tmp_path, cub_dir):
+    torch.manual_seed(0)
+    model = IvptForImageClassification(tiny_config(num_labels=4))
+    cache = str(tmp_path / "cache")
+    run = lambda **kw: evaluate_interpretability(  # noqa: E731
+        model, str(cub_dir), ["consistency", "stability"], EvaluationSettings(batch_size=6, **kw), device="cpu",
+        cache_dir=cache)["metrics"]
+    first, second = run(seed=3), run(seed=3)
+    assert first == second
+    assert run(noise_std=0.0)["stability"] == 100.0
+
+
+def test_report_table_places_published_numbers():
+    table = markdown_table({"trained": {"consistency": 50.0, "accuracy": {"top1_micro": 80.0}}})
+    assert "| consistency % ↑ | 50.00 | 75.30 | – |" in table
+    assert "| top-1 accuracy (micro) % ↑ | 80.00 | 90.80 | 88.72 |" in table
