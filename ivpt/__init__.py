@@ -3,6 +3,8 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_ivpt import IvptConfig
+from .explain import Explanation, IvptImageClassificationPipeline, explain
+from .image_processing import make_image_processor
 from .modeling_ivpt import (
     IvptForImageClassification,
     IvptImageClassifierOutput,
@@ -20,6 +22,10 @@ IvptModel.register_for_auto_class("AutoModel")
 IvptForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "Explanation",
+    "IvptImageClassificationPipeline",
+    "explain",
+    "make_image_processor",
     "IvptConfig",
     "IvptModel",
     "IvptForImageClassification",
