@@ -30,15 +30,19 @@ def _example(index: int, size: int = 96) -> tuple[dict, np.ndarray]:
         {"part_id": i + 1, "x": float(x), "y": float(y), "visible": int(v)} for i, (x, y, v) in enumerate(bird.keypoints)
     ]
     part_map = np.asarray(bird.part_map)
-    labels = np.array([part_map[int(round(r["y"])), int(round(r["x"]))] if r["visible"] else 0 for r in rows])
+    # label under each visible keypoint (-1: hidden); a point on a thin part's edge may read 0
+    labels = np.array([part_map[int(round(r["y"])), int(round(r["x"]))] if r["visible"] else -1 for r in rows])
     example = {"image": bird.image, "keypoints": rows, "bbox": list(bird.bbox), "mask": bird.part_map, "label": 2}
     return example, labels
 
 
-def _on_label(part_map: torch.Tensor, x: float, y: float, label: int, radius: int = 1) -> bool:
+def _window(part_map: torch.Tensor, x: float, y: float, radius: int) -> torch.Tensor:
     xi, yi = int(round(x)), int(round(y))
-    window = part_map[max(yi - radius, 0) : yi + radius + 1, max(xi - radius, 0) : xi + radius + 1]
-    return bool((window == label).any())
+    return part_map[max(yi - radius, 0) : yi + radius + 1, max(xi - radius, 0) : xi + radius + 1]
+
+
+def _on_label(part_map: torch.Tensor, x: float, y: float, label: int, radius: int = 1) -> bool:
+    return bool((_window(part_map, x, y, radius) == label).any())
 
 
 def test_train_transform_moves_annotations_with_the_image():
@@ -52,11 +56,14 @@ def test_train_transform_moves_annotations_with_the_image():
         assert out["mask"].shape == (112, 112) and out["labels"] == 2
         for row, label in zip(out["keypoints"].tolist(), labels):
             part_id, x, y, visible = row
-            if label == 0:  # hidden in the source: stays hidden at (0, 0)
+            if label == -1:  # hidden in the source: stays hidden at (0, 0)
                 assert visible == 0 and x == y == 0
             elif visible:
                 assert 0 <= x < 112 and 0 <= y < 112
-                assert _on_label(out["mask"], x, y, int(label)), (index, part_id)
+                if label == 0:  # source point on a part edge: must stay next to the bird
+                    assert bool((_window(out["mask"], x, y, 2) > 0).any()), (index, part_id)
+                else:
+                    assert _on_label(out["mask"], x, y, int(label)), (index, part_id)
                 checked += 1
             else:  # moved off the canvas by the affine / crop
                 assert x == y == 0

@@ -1,38 +1,51 @@
-"""Data: CUB-200-2011 builder and loader, synthetic CUB generator, IVPT transforms (spec §4.5, §5, §6)."""
+"""Data: CUB-200-2011 builder and loader, synthetic CUB generator, IVPT transforms (spec §4.5, §5, §6).
 
-from .cub import CONFIG_NAMES, Cub200, Cub200Config, CubFormatError, crop_box_from_text, load_cub, read_annotations
-from .synthetic import CUB_PART_NAMES, generate_cub
-from .transforms import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    apply_transform,
-    batch_transform,
-    consistency_part_points,
-    consistency_transform,
-    eval_transform,
-    parts_eval_preprocess,
-    test_transform,
-    train_transform,
-)
+Names are resolved lazily (PEP 562), so ``python -m ivpt.data.synthetic`` / ``python -m
+ivpt.data.cub`` run without importing the other modules (and without runpy warnings).
+"""
 
-__all__ = [
-    "CONFIG_NAMES",
-    "CUB_PART_NAMES",
-    "Cub200",
-    "Cub200Config",
-    "CubFormatError",
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
-    "apply_transform",
-    "batch_transform",
-    "consistency_part_points",
-    "consistency_transform",
-    "crop_box_from_text",
-    "eval_transform",
-    "generate_cub",
-    "load_cub",
-    "parts_eval_preprocess",
-    "read_annotations",
-    "test_transform",
-    "train_transform",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "cub": ("CONFIG_NAMES", "Cub200", "Cub200Config", "CubFormatError", "crop_box_from_text", "load_cub",
+            "read_annotations"),
+    "synthetic": ("CUB_PART_NAMES", "generate_cub"),
+    "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "apply_transform", "batch_transform", "consistency_part_points",
+                   "consistency_transform", "eval_transform", "parts_eval_preprocess", "test_transform",
+                   "train_transform"),
+}  # fmt: skip
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cub import CONFIG_NAMES, Cub200, Cub200Config, CubFormatError, crop_box_from_text, load_cub, read_annotations
+    from .synthetic import CUB_PART_NAMES, generate_cub
+    from .transforms import (
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        apply_transform,
+        batch_transform,
+        consistency_part_points,
+        consistency_transform,
+        eval_transform,
+        parts_eval_preprocess,
+        test_transform,
+        train_transform,
+    )
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

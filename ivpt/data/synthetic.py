@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
-from PIL import Image, ImageChops, ImageDraw
+from PIL import Image, ImageDraw
 
 __all__ = [
     "CUB_PART_NAMES",
@@ -232,20 +232,23 @@ def _canonical_shapes(pattern: str) -> dict[str, np.ndarray]:
     }
 
 
-def _background(rng: np.random.Generator, size: int, noise: Image.Image) -> Image.Image:
-    """Textured, desaturated background: smooth blotches + fine grain + faint twigs.
+_TRANSPOSES = (None, *Image.Transpose)  # identity + the 7 flips / rotations by multiples of 90°
 
-    `noise` is a (2·size, 2·size) grey texture centred on 128 (see `_noise_texture`); a random
-    window of it is added to the blotches.
-    """
+
+def _background(rng: np.random.Generator, size: int, texture: Image.Image) -> Image.Image:
+    """Textured, desaturated background: a random window of the shared luminance `texture`
+    (blotches + grain, see `_texture`) tinted with a random low-saturation colour, plus faint twigs.
+    Only luminance varies inside an image, so the background stays less salient than the bird."""
     hue, sat, val = rng.uniform(0, 1), rng.uniform(0.08, 0.25), rng.uniform(0.35, 0.72)
     base = np.array(colorsys.hsv_to_rgb(hue, sat, val)) * 255.0
-    # Mostly luminance variation, little colour variation: the background stays less salient.
-    coarse = base + rng.normal(0.0, 22.0, size=(5, 5, 1)) + rng.normal(0.0, 6.0, size=(5, 5, 3))
-    image = Image.fromarray(np.clip(coarse, 0, 255).astype(np.uint8)).resize((size, size), Image.BILINEAR)
-    left, top = (int(v) for v in rng.integers(0, size, size=2))
-    grain = noise.crop((left, top, left + size, top + size))
-    image = ImageChops.add(image, grain, scale=1.0, offset=-128)
+    left, top = (int(v) for v in rng.integers(0, texture.width - size + 1, size=2))
+    window = texture.crop((left, top, left + size, top + size))
+    transpose = _TRANSPOSES[int(rng.integers(0, len(_TRANSPOSES)))]
+    if transpose is not None:
+        window = window.transpose(transpose)
+    ramp = np.arange(256, dtype=np.float64) - 128.0
+    luts = [np.clip(c + ramp * rng.uniform(0.8, 1.2), 0, 255).astype(np.uint8).tolist() for c in base]
+    image = Image.merge("RGB", [window.point(lut) for lut in luts])
     draw = ImageDraw.Draw(image)
     for _ in range(int(rng.integers(2, 5))):
         shade = tuple(int(c) for c in np.clip(base * rng.uniform(0.7, 1.2), 0, 255))
@@ -271,7 +274,7 @@ def _contrast(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def render_bird(
-    attributes: ClassAttributes, size: int, rng: np.random.Generator, noise: Optional[Image.Image] = None
+    attributes: ClassAttributes, size: int, rng: np.random.Generator, texture: Optional[Image.Image] = None
 ) -> RenderedBird:
     """Draws one bird of class `attributes` on a (size, size) canvas.
 
@@ -279,14 +282,14 @@ def render_bird(
         attributes: the class attributes.
         size: side of the square image in pixels.
         rng: random stream for pose, colours and background.
-        noise: optional precomputed grain texture (see `_noise_texture`), for speed.
+        texture: background texture shared by a run (see `_texture`); drawn from `rng` if None.
 
     Returns:
         A `RenderedBird` (image, part map, keypoints (15, 3), tight box).
     """
-    if noise is None:
-        noise = _noise_texture(size, rng)
-    image = _background(rng, size, noise)
+    if texture is None:
+        texture = _texture(size, rng)
+    image = _background(rng, size, texture)
     part_map = Image.new("L", (size, size), 0)
 
     # Pose: scale (bird length in pixels), rotation, flip, translation chosen to keep the bird inside.
@@ -331,7 +334,7 @@ def render_bird(
         "beak": _jitter((70, 60, 50) if rng.uniform() < 0.5 else (225, 170, 60), rng, 10.0),
         "leg": _jitter((95, 75, 60), rng, 10.0),
     }
-    leg_width = max(2, int(round(0.04 * length)))
+    leg_width = max(3, int(round(0.045 * length)))
     for name in ("far_leg", "near_leg"):
         leg = to_pixels(shapes[name])
         colour = _darker(colours["leg"], 0.75) if name == "far_leg" else colours["leg"]
@@ -378,12 +381,14 @@ def render_bird(
     return RenderedBird(image=image, part_map=part_map, keypoints=keypoints_array, bbox=bbox)
 
 
-def _noise_texture(size: int, rng: np.random.Generator) -> Image.Image:
-    """(2·size, 2·size) RGB grey grain centred on 128 (about ±14), for `_background`."""
-    noise = rng.normal(0.0, 9.0, size=(2 * size, 2 * size))
-    noise = 0.5 * noise + 0.25 * (np.roll(noise, 1, axis=0) + np.roll(noise, 1, axis=1))  # slight blur
-    grey = np.clip(noise + 128.0, 114, 142).astype(np.uint8)
-    return Image.fromarray(grey).convert("RGB")
+def _texture(size: int, rng: np.random.Generator) -> Image.Image:
+    """(2·size, 2·size) "L" luminance texture centred on 128: smooth blotches (about ±22) plus
+    fine grain (about ±9), shared by all images of a run (each uses a random window of it)."""
+    coarse = np.clip(128.0 + rng.normal(0.0, 22.0, size=(10, 10)), 0, 255).astype(np.uint8)
+    blotches = np.asarray(Image.fromarray(coarse).resize((2 * size, 2 * size), Image.BICUBIC), dtype=np.float64)
+    grain = rng.normal(0.0, 9.0, size=(2 * size, 2 * size))
+    grain = 0.5 * grain + 0.25 * (np.roll(grain, 1, axis=0) + np.roll(grain, 1, axis=1))  # slight blur
+    return Image.fromarray(np.clip(blotches + grain, 0, 255).astype(np.uint8))
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -394,7 +399,7 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
 
 def _write_layout(root: Path, classes: int, images_per_class: int, size: int, seed: int, jpeg_quality: int) -> None:
     attributes = class_attributes(classes, seed)
-    noise = _noise_texture(size, np.random.default_rng([seed, 0x7E57]))
+    texture = _texture(size, np.random.default_rng([seed, 0x7E57]))
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "parts").mkdir(exist_ok=True)
     (root / "segmentations").mkdir(exist_ok=True)
@@ -409,11 +414,11 @@ def _write_layout(root: Path, classes: int, images_per_class: int, size: int, se
         is_train[split_rng.permutation(images_per_class)[: (images_per_class + 1) // 2]] = True
         for index in range(images_per_class):
             image_id += 1
-            bird = render_bird(attrs, size, np.random.default_rng([seed, class_index, index]), noise)
+            bird = render_bird(attrs, size, np.random.default_rng([seed, class_index, index]), texture)
             stem = f"{attrs.name}_{index + 1:04d}_{image_id}"
             relative = f"{class_dir}/{stem}.jpg"
             (root / "images" / relative).write_bytes(_encode(bird.image, "JPEG", quality=jpeg_quality))
-            (root / "segmentations" / class_dir / f"{stem}.png").write_bytes(_encode(bird.mask, "PNG"))
+            (root / "segmentations" / class_dir / f"{stem}.png").write_bytes(_encode(bird.mask, "PNG", compress_level=1))
             images_txt.append(f"{image_id} {relative}")
             labels_txt.append(f"{image_id} {class_index + 1}")
             split_txt.append(f"{image_id} {int(is_train[index])}")
