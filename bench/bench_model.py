@@ -31,14 +31,14 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_mode(config_name: str, mode: str, repeats: int) -> dict:
+def run_mode(config_json: str, mode: str, repeats: int) -> dict:
     import torch
 
     from ivpt import IvptConfig, IvptForImageClassification
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    config = IvptConfig(**CONFIGS[config_name])
+    config = IvptConfig(**json.loads(config_json))
     model = IvptForImageClassification(config)
     backbone = model.ivpt.backbone
     images = torch.randn(1, 3, config.image_size, config.image_size)
@@ -68,15 +68,16 @@ def run_mode(config_name: str, mode: str, repeats: int) -> dict:
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return {"config": config_name, "mode": mode, "seconds": statistics.median(times), "all_seconds": times,
+    return {"mode": mode, "seconds": statistics.median(times), "all_seconds": times,
             "peak_rss_growth_mib": peak_rss_mib() - rss_before}
 
 
-def measure(config_name: str, repeats: int) -> dict:
+def measure(config_kwargs: dict, repeats: int) -> dict:
+    """Runs every mode of one config, each in a fresh subprocess; ratios against the bare backbone."""
     rows = {}
     for mode in MODES:
         out = subprocess.run(
-            [sys.executable, __file__, "--child", config_name, mode, "--repeats", str(repeats)],
+            [sys.executable, __file__, "--child", json.dumps(config_kwargs), mode, "--repeats", str(repeats)],
             capture_output=True, text=True, check=True,
         )
         rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -116,7 +117,7 @@ def main():
         print(json.dumps(run_mode(*args.child, args.repeats)))
         return
     names = ("tiny", "full") if args.config == "both" else (args.config,)
-    results = {name: measure(name, args.repeats) for name in names}
+    results = {name: measure(CONFIGS[name], args.repeats) for name in names}
     print(markdown(results))
     if args.json:
         with open(args.json, "w") as handle:
