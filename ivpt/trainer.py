@@ -362,6 +362,7 @@ class IvptTrainer(Trainer):
         self._num_update_steps_per_epoch: int | None = None
         self._loss_term_sums: dict[str, torch.Tensor] = {}
         self._loss_term_count = 0
+        self._trainable_parameters = self._trainable_owner = self._num_parameters = None
         self.add_callback(_PerProcessSeed())
 
     def _arg(self, name: str, default: Any) -> Any:
@@ -464,6 +465,26 @@ class IvptTrainer(Trainer):
         super().log(logs, start_time)
         if any(key.startswith("eval_") for key in logs):
             self.card_metrics.update({key: value for key, value in logs.items() if key.startswith("eval_")})
+
+    # ---- per-step bookkeeping, made cheap ---------------------------------------------------------------------
+
+    def _clip_grad_norm(self, model):
+        """Clips over the trainable tensors only (the frozen backbone has no gradients, so the norm is the same),
+        through `accelerator.clip_grad_norm_`, which unscales fp16 gradients first (§8 Q12)."""
+        if self._trainable_parameters is None or self._trainable_owner is not model:
+            self._trainable_parameters = [p for p in model.parameters() if p.requires_grad]
+            self._trainable_owner = model
+        if self._has_mixed_mesh_grads(model) or self.is_deepspeed_enabled:
+            return super()._clip_grad_norm(model)
+        return self.accelerator.clip_grad_norm_(self._trainable_parameters, self.args.max_grad_norm)
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """The Trainer's `6 · input elements · parameters` estimate with the parameter count cached (the stock one
+        walks every parameter at each micro-batch)."""
+        if self._num_parameters is None:
+            self._num_parameters = self.accelerator.unwrap_model(self.model).num_parameters(exclude_embeddings=True)
+        pixel_values = inputs.get("pixel_values")
+        return 6 * (pixel_values.numel() if pixel_values is not None else 0) * self._num_parameters
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 

@@ -381,3 +381,38 @@ def test_existing_run_is_not_overwritten(cli_run, image_folder):
     output, _ = cli_run
     with pytest.raises(ValueError, match="already holds a training run"):
         _main(["--dataset_name", str(image_folder), "--output_dir", str(output), *TINY_FLAGS])
+
+
+def test_release_recipe_parses_to_section_4_values():
+    import train_ivpt
+
+    model_args, data_args, args, _ = train_ivpt.parse_arguments(
+        [os.path.join(REPO_ROOT, "configs", "cub_ivpt.yaml"), "--num_train_epochs", "1", "--data_dir", "/x"]
+    )
+    assert model_args.n_pro == "17,14,11,8,5" and model_args.image_size == 518 and model_args.gumbel_routing
+    assert args.num_train_epochs == 1  # the command line overrides the recipe
+    assert (args.per_device_train_batch_size, args.learning_rate, args.max_grad_norm) == (4, 1e-6, 2.0)
+    assert (args.finer_lr_factor, args.modulation_lr_factor, args.scratch_lr_factor) == (2e2, 1e4, 1e4)
+    assert (args.lr_decay_epochs, args.lr_decay_rate, args.weight_decay, args.optimizer_type) == (4, 0.5, 0, "adam")
+    assert data_args.data_dir == "/x" and data_args.eval_split is None and not args.remove_unused_columns
+    weights = [getattr(model_args, f"{term}_loss_weight") for term in LOSS_TERMS]
+    assert weights == [1.0] * len(LOSS_TERMS)
+
+
+def test_best_model_on_named_split(image_folder, tmp_path):
+    """Periodic evaluation on a named split (a validation fraction of train), best model selected there and loaded
+    at the end; eval_results.json has the full test evaluation of the final weights (and of the best, if other)."""
+    output = tmp_path / "best"
+    results = _main([
+        "--dataset_name", str(image_folder), "--output_dir", str(output), *TINY_FLAGS, "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--validation_fraction", "0.5", "--eval_split", "validation",
+        "--eval_strategy", "steps", "--eval_steps", "1", "--save_strategy", "steps", "--save_steps", "1",
+        "--metric_for_best_model", "top1_micro", "--load_best_model_at_end", "true",
+    ])
+    assert results["final"]["global_step"] == 2 and results["final"]["test_num_samples"] == 7
+    state = json.loads((output / "trainer_state.json").read_text())
+    evals = [entry for entry in state["log_history"] if "eval_top1_micro" in entry]
+    assert len(evals) == 2 and all(entry["eval_num_samples"] == 7 for entry in evals)
+    if "best" in results:
+        assert results["best"]["checkpoint"].endswith("checkpoint-1")
+        assert results["best"]["test_num_samples"] == 7
