@@ -5,7 +5,6 @@ import random
 import datasets
 import numpy as np
 import pytest
-from fixtures_data import synthetic_root  # noqa: F401
 from PIL import Image
 
 from ivpt.data import load_cub

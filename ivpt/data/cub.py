@@ -608,33 +608,24 @@ class Cub200(datasets.GeneratorBasedBuilder):
                 yield Key(0, record.image_id * 1000 + index), example
 
     def _examples(self, record: CubRecord, root: Path, segmentations: Optional[str]) -> Iterator[dict[str, Any]]:
+        """The example(s) of one source image for the current config."""
         image, data, converted = _read_rgb(root / "images" / record.file_name, record, root / "images.txt")
         mask = None
         if segmentations is not None:
-            mask_path = Path(segmentations) / Path(record.file_name).with_suffix(".png")
-            mask = _read_mask(mask_path, image.size, record)
+            mask = _read_mask(Path(segmentations) / Path(record.file_name).with_suffix(".png"), image.size, record)
         _check_keypoints(record, image.size, root / "parts" / "part_locs.txt")
         base = {"label": record.label, "image_id": record.image_id, "file_name": record.file_name}
         if self.config.name == "full":
-            stored = _encode(image, "PNG") if converted else data
+            stored = _encode(image, "PNG") if converted else data  # RGB JPEGs byte-for-byte
             yield {
                 **base,
                 "image": {"path": record.file_name, "bytes": stored},
                 "bbox": list(record.bbox),
                 "keypoints": _keypoint_dicts(record.keypoints),
-                "mask": None if mask is None else {"path": None, "bytes": _encode(mask, "PNG")},
+                "mask": _mask_value(mask),
             }
             return
-
-        left, top, right, bottom = _clamped_crop_box(record, image.size, root / "bounding_boxes.txt")
-        crop = image.crop((left, top, right, bottom))
-        crop_mask = mask.crop((left, top, right, bottom)) if mask is not None else None
-        # Crop coordinates: relative to the crop origin (= the §5.3 corner x1, y1 unless clamped).
-        shift_x, shift_y = left, top
-        keypoints = [
-            (p, x - shift_x, y - shift_y, v) if v else (p, x, y, v) for p, x, y, v in record.keypoints
-        ]
-        bbox = [record.bbox[0] - shift_x, record.bbox[1] - shift_y, record.bbox[2], record.bbox[3]]
+        crop, crop_mask, keypoints, bbox = _crop_record(record, image, mask, root / "bounding_boxes.txt")
         base["crop_box"] = list(record.crop_box)
         if self.config.name == "cropped":
             yield {
@@ -642,17 +633,22 @@ class Cub200(datasets.GeneratorBasedBuilder):
                 "image": {"path": record.file_name, "bytes": _encode(crop, "JPEG", quality=CROP_JPEG_QUALITY)},
                 "bbox": bbox,
                 "keypoints": _keypoint_dicts(keypoints),
-                "mask": None if crop_mask is None else {"path": None, "bytes": _encode(crop_mask, "PNG")},
+                "mask": _mask_value(crop_mask),
             }
             return
+        yield from self._augmented_examples(base, crop, crop_mask, keypoints, bbox)
 
+    def _augmented_examples(
+        self, base: dict[str, Any], crop: Image.Image, crop_mask: Optional[Image.Image], keypoints: list, bbox: list
+    ) -> Iterator[dict[str, Any]]:
+        """The 3 × passes §5.4 outputs of one cropped training image."""
         from .augment import AUGMENTATIONS, offline_augmentations
 
         # The reference augments the re-encoded JPEG crops: decode ours the same way.
         crop = Image.open(io.BytesIO(_encode(crop, "JPEG", quality=CROP_JPEG_QUALITY))).convert("RGB")
-        stem = Path(record.file_name)
+        stem = Path(base["file_name"])
         outputs = offline_augmentations(
-            crop, keypoints, bbox, crop_mask, self.config.seed, record.image_id, self.config.augmentation_passes
+            crop, keypoints, bbox, crop_mask, self.config.seed, base["image_id"], self.config.augmentation_passes
         )
         for out in outputs:
             name = f"{stem.parent.as_posix()}/{stem.stem}_{out['augmentation']}_{out['augmentation_pass']:02d}.jpg"
@@ -662,11 +658,32 @@ class Cub200(datasets.GeneratorBasedBuilder):
                 "image": {"path": name, "bytes": _encode(out["image"], "JPEG", quality=CROP_JPEG_QUALITY)},
                 "bbox": out["bbox"].tolist(),
                 "keypoints": _keypoint_dicts(out["keypoints"].tolist()),
-                "mask": None if out["mask"] is None else {"path": None, "bytes": _encode(out["mask"], "PNG")},
+                "mask": _mask_value(out["mask"]),
                 "augmentation": AUGMENTATIONS.index(out["augmentation"]),
                 "augmentation_pass": out["augmentation_pass"],
                 "flipped": out["flipped"],
             }
+
+
+def _mask_value(mask: Optional[Image.Image]) -> Optional[dict[str, Any]]:
+    """`datasets.Image` value of a mask (lossless PNG), or None."""
+    return None if mask is None else {"path": None, "bytes": _encode(mask, "PNG")}
+
+
+def _crop_record(
+    record: CubRecord, image: Image.Image, mask: Optional[Image.Image], boxes_txt: Path
+) -> tuple[Image.Image, Optional[Image.Image], list, list]:
+    """§5.3 crop of the image and mask; keypoints and box moved into crop coordinates.
+
+    Coordinates are relative to the crop origin (the §5.3 corner x1, y1, clamped to the image).
+    Hidden keypoints keep (0, 0); visible ones are only shifted (they may fall outside the crop).
+    """
+    left, top, right, bottom = _clamped_crop_box(record, image.size, boxes_txt)
+    crop = image.crop((left, top, right, bottom))
+    crop_mask = mask.crop((left, top, right, bottom)) if mask is not None else None
+    keypoints = [(p, x - left, y - top, v) if v else (p, x, y, v) for p, x, y, v in record.keypoints]
+    bbox = [record.bbox[0] - left, record.bbox[1] - top, record.bbox[2], record.bbox[3]]
+    return crop, crop_mask, keypoints, bbox
 
 
 # --------------------------------------------------------------------------------------------
