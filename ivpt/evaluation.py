@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from . import metrics
 from .data import load_cub
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, consistency_transform, parts_eval_preprocess, test_transform
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, consistency_transform, eval_transform, parts_eval_preprocess
 
 METRICS = ("accuracy", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
 
@@ -119,7 +119,7 @@ class _Runner:
 
     # -- §6.1 ------------------------------------------------------------------------------------------------------
     def accuracy(self, split) -> dict:
-        transform = test_transform(self.image_size)
+        transform = eval_transform(self.image_size)
         noise = self.settings.sample_routing_noise
         if noise is None:
             noise = self.model.config.gumbel_routing and self.model.config.sample_routing_noise_in_eval

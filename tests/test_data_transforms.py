@@ -11,7 +11,6 @@ from ivpt.data import (
     IMAGENET_STD,
     apply_transform,
     batch_transform,
-    consistency_part_points,
     consistency_transform,
     load_cub,
     parts_eval_preprocess,
@@ -138,18 +137,6 @@ def test_parts_eval_preprocess_truncates_long_side_but_scales_by_factor():
     new_width = int(500 * factor)  # 690 (truncated); the exact factor gives 690.67
     left = round((new_width - 518) / 2)
     assert out["keypoints"][0, 1].item() == pytest.approx(min(500 * factor - left, 518), abs=1e-3)
-
-
-def test_consistency_part_points_hand_computed():
-    crop_box = [10, 20, 110, 70]  # width 100, height 50
-    keypoints = [[1, 60.9, 45.5, 1], [2, 0.0, 0.0, 0], [3, 10.0, 20.0, 1]]
-    points, visible = consistency_part_points(keypoints, crop_box, canvas=224)
-    # x = int(60.9) = 60 → rx = 0.5 → 112; y = int(45.5) = 45 → ry = 0.5 → 112
-    assert points.tolist() == [[112, 112], [0, 0], [0, 0]]
-    assert visible.tolist() == [True, False, True]
-    in_crop = [[1, 50.9, 25.5, 1], [2, 0.0, 0.0, 0], [3, 0.0, 0.0, 1]]
-    points_crop, visible_crop = consistency_part_points(in_crop, crop_box, keypoints_in_crop=True)
-    assert points_crop.tolist() == points.tolist() and visible_crop.tolist() == visible.tolist()
 
 
 def test_with_transform_on_loaded_dataset(synthetic_root, tmp_path):

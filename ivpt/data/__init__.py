@@ -13,8 +13,8 @@ _EXPORTS = {
     "cub": ("CONFIG_NAMES", "Cub200", "Cub200Config", "CubFormatError", "crop_box_from_text", "load_cub",
             "read_annotations"),
     "synthetic": ("CUB_PART_NAMES", "generate_cub"),
-    "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "apply_transform", "batch_transform", "consistency_part_points",
-                   "consistency_transform", "eval_transform", "parts_eval_preprocess", "test_transform",
+    "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "apply_transform", "batch_transform",
+                   "consistency_transform", "eval_transform", "parts_eval_preprocess",
                    "train_transform"),
 }  # fmt: skip
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
@@ -29,11 +29,9 @@ if TYPE_CHECKING:  # pragma: no cover
         IMAGENET_STD,
         apply_transform,
         batch_transform,
-        consistency_part_points,
         consistency_transform,
         eval_transform,
         parts_eval_preprocess,
-        test_transform,
         train_transform,
     )
 

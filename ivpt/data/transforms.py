@@ -2,7 +2,8 @@
 
 * `train_transform` — on-the-fly training augmentation (spec §4.5);
 * `eval_transform` — classification evaluation (resize shorter side, centre crop; §4.5);
-* `consistency_transform` + `consistency_part_points` — consistency / stability protocol (§6.2);
+* `consistency_transform` — consistency / stability protocol (§6.2; the canvas points are
+  `ivpt.metrics.part_points_on_canvas`);
 * `parts_eval_preprocess` — part-annotated NMI / ARI / KPR items (§5.5), exact arithmetic.
 
 The first three are torchvision v2 pipelines: they accept a PIL image alone, or a sample dict of
@@ -38,12 +39,10 @@ __all__ = [
     "update_keypoint_rows",
     "train_transform",
     "eval_transform",
-    "test_transform",
     "consistency_transform",
     "apply_transform",
     "batch_transform",
     "parts_eval_preprocess",
-    "consistency_part_points",
 ]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -187,7 +186,6 @@ def eval_transform(
 
 
 eval_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest test under any name
-test_transform = eval_transform  # the §4.5 name ("test" transform); same function
 
 def consistency_transform(
     image_size: int = 518, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
@@ -294,41 +292,3 @@ def parts_eval_preprocess(
     box[0] = (box[0] - left).clamp(0, image_size)
     box[1] = (box[1] - top).clamp(0, image_size)
     return {"pixel_values": pixels.as_subclass(torch.Tensor), "keypoints": rows.float(), "bbox": box.float()}
-
-
-def consistency_part_points(
-    keypoints: Any, crop_box: Sequence[int], canvas: int = 224, keypoints_in_crop: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """§6.2 step 2: ground-truth part points on the fixed `canvas` × `canvas` grid.
-
-    For each part with visible == 1: x, y truncated to int; rx = (x − x1) / (x2 − x1),
-    ry = (y − y1) / (y2 − y1) with the integer §5.3 box; point = (int(canvas·rx), int(canvas·ry)).
-
-    Args:
-        keypoints: (num_parts, 4) rows (any form `keypoint_rows` accepts), part ids 1-based.
-        crop_box: ``[x1, y1, x2, y2]`` integer box (the ``crop_box`` column of the cropped configs).
-        canvas: canvas side (224 in the reference, independent of the input size).
-        keypoints_in_crop: the keypoints are in crop coordinates (``cropped`` config) rather than
-            original-image coordinates (``full`` config).
-
-    Returns:
-        ``points`` (num_parts, 2) long ``[col, row]`` indexed by part_id − 1 (zeros where hidden) and
-        ``visible`` (num_parts,) bool.
-    """
-    rows = keypoint_rows(keypoints).double()
-    x1, y1, x2, y2 = (int(v) for v in crop_box)
-    num_parts = rows.shape[0]
-    points = torch.zeros(num_parts, 2, dtype=torch.long)
-    visible = torch.zeros(num_parts, dtype=torch.bool)
-    for part_id, x, y, vis in rows.tolist():
-        if vis != 1:
-            continue
-        if keypoints_in_crop:  # crop origin = the §5.3 corner, clamped to the image
-            x, y = x + max(x1, 0), y + max(y1, 0)
-        index = int(part_id) - 1
-        rx = (int(x) - x1) / (x2 - x1)
-        ry = (int(y) - y1) / (y2 - y1)
-        points[index] = torch.tensor([int(canvas * rx), int(canvas * ry)])
-        visible[index] = True
-    return points, visible
-

@@ -1,0 +1,51 @@
+"""The offline demo pipeline on a miniature recipe (caching included) and the GPU benchmark script's CPU mode."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
+    recipe = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    recipe["demo"].update(classes=3, images_per_class=4, data_image_size=64, pretrain_epochs=1, pretrain_batch_size=4)
+    recipe.update(backbone_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8}, image_size=64,
+                  n_pro=[6, 5, 4], num_train_epochs=1, per_device_train_batch_size=2, logging_steps=1)
+    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(recipe))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "ivpt.demo", "--recipe", str(tmp_path / "mini.yaml"),
+               "--output_dir", str(tmp_path / "out")]
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stderr[-4000:]
+    report = tmp_path / "out" / "report"
+    results = json.loads((report / "metrics.json").read_text())
+    assert set(results) == {"trained", "before IVPT training", "chance"}
+    for name in ("trained", "before IVPT training"):
+        assert {"accuracy", "consistency", "stability", "nmi", "ari", "kpr", "foreground_iou"} <= set(
+            results[name]["metrics"]), name
+    assert (tmp_path / "out" / "backbone" / "backbone.safetensors").exists()
+    assert (tmp_path / "out" / "ivpt" / "model.safetensors").exists()
+    assert "acceptance" in (report / "report.md").read_text()
+    assert (report / "figures" / "explanation.png").exists() and list((report / "figures").rglob("parts_*.png"))
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-4000:]
+    assert "pre-training" not in second.stdout and "training IVPT" not in second.stdout  # every step cached
+
+
+def test_gpu_benchmark_script_cpu_mode(tmp_path):
+    env = dict(os.environ, OUT=str(tmp_path))
+    result = subprocess.run(
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--batch", "2", "--max_batch", "2",
+         "--repeats", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
+    assert {(r["mode"], r["dtype"]) for r in rows} == {
+        (mode, dtype) for mode in ("bare_inference", "ivpt_inference", "bare_train", "ivpt_train")
+        for dtype in ("fp32", "bf16")}
+    assert all(r["images_per_s"] > 0 for r in rows)
