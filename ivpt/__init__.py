@@ -3,7 +3,7 @@
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_ivpt import IvptConfig
-from .explain import Explanation, IvptImageClassificationPipeline, explain
+from .explanation import Explanation, IvptImageClassificationPipeline, explain
 from .image_processing import make_image_processor
 from .modeling_ivpt import (
     IvptForImageClassification,

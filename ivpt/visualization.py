@@ -11,7 +11,7 @@ Three families of pictures, all drawn on the CPU from tensors on any device:
 
 Stages are named like the release, `Layer_<blocks already applied>` ([`stage_names`], computed from the config, §0).
 The single-image explanation ([`explain`], [`Explanation`]) and the pipeline route
-([`IvptImageClassificationPipeline`]) live in `ivpt/explain.py` and are re-exported here.
+([`IvptImageClassificationPipeline`]) live in `ivpt/explanation.py` and are re-exported here.
 
 Images are composed with numpy + Pillow (exact pixel sizes); only the multi-row figure is a matplotlib `Figure`, built
 without `pyplot` (no backend or global state involved). Every PNG is written atomically (temporary file + rename).
@@ -61,9 +61,9 @@ _EXPLAIN_NAMES = ("Explanation", "explain", "IvptImageClassificationPipeline")
 
 
 def __getattr__(name: str):
-    # Lazy re-export from `ivpt/explain.py`, which itself imports this module (no import cycle at load time).
+    # Lazy re-export from `ivpt/explanation.py`, which itself imports this module (no import cycle at load time).
     if name in _EXPLAIN_NAMES:
-        return getattr(importlib.import_module(f"{__package__}.explain"), name)
+        return getattr(importlib.import_module(f"{__package__}.explanation"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -335,8 +335,8 @@ def test_pipeline_returns_an_explanation(model):
 
 
 def test_explain_is_reexported():
-    import ivpt.explain
+    import ivpt.explanation
 
-    assert V.explain is ivpt.explain.explain and V.Explanation is ivpt.explain.Explanation
+    assert V.explain is ivpt.explanation.explain and V.Explanation is ivpt.explanation.Explanation
     with pytest.raises(AttributeError):
         V.does_not_exist  # noqa: B018
