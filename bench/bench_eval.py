@@ -30,8 +30,8 @@ METRIC_SETS = {"accuracy": ["accuracy"], "consistency+stability": ["consistency"
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images_per_class", type=int, default=4)
-    parser.add_argument("--classes", type=int, default=2)
+    parser.add_argument("--images_per_class", type=int, default=6)
+    parser.add_argument("--classes", type=int, default=4)
     parser.add_argument("--json")
     args = parser.parse_args()
     torch.set_num_threads(2)

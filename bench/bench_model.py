@@ -2,8 +2,9 @@
 
     python bench/bench_model.py [--config full|tiny|both] [--repeats 3] [--json OUT]
 
-Each mode runs in its own subprocess (torch threads = 2, fp32, batch 1, random weights) so that its peak RSS growth
-is its own: after building the model, one warm-up iteration, then `--repeats` timed iterations (median reported).
+Torch threads = 2, fp32, batch 1, random weights. Timings: all modes in one process, one warm-up each, then
+`--repeats` round-robin rounds (median reported), so machine load and drift affect every mode alike. Peak RSS
+growth: each mode in a fresh process (two steps after building the model).
 Modes: bare backbone forward (no grad); bare forward + backward to the trainable input-side tensors (cls/reg/pos);
 IVPT inference forward (no grad); IVPT full training step (clean pass, warped pass, all losses, backward, Adam step).
 """
@@ -31,7 +32,7 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_mode(config_json: str, mode: str, repeats: int) -> dict:
+def build(config_json: str):
     import torch
 
     from ivpt import IvptConfig, IvptForImageClassification
@@ -40,12 +41,11 @@ def run_mode(config_json: str, mode: str, repeats: int) -> dict:
     torch.manual_seed(0)
     config = IvptConfig(**json.loads(config_json))
     model = IvptForImageClassification(config)
-    backbone = model.ivpt.backbone
     images = torch.randn(1, 3, config.image_size, config.image_size)
-    labels = torch.tensor([1])
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+    backbone = model.ivpt.backbone
 
-    def step():
+    def step(mode: str) -> None:
         if mode == "bare_forward":
             with torch.no_grad():
                 backbone.forward_features(images)
@@ -58,29 +58,46 @@ def run_mode(config_json: str, mode: str, repeats: int) -> dict:
         else:
             model.train()
             optimizer.zero_grad(set_to_none=True)
-            model(images, labels=labels).loss.backward()
+            model(images, labels=torch.tensor([1])).loss.backward()
             optimizer.step()
 
-    rss_before = peak_rss_mib()
-    step()  # warm-up
-    times = []
+    return step
+
+
+def run_timing(config_json: str, repeats: int) -> dict:
+    """All modes round-robin in one process (so drift and load hit every mode alike); median seconds per mode."""
+    step = build(config_json)
+    for mode in MODES:
+        step(mode)  # warm-up
+    times = {mode: [] for mode in MODES}
     for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return {"mode": mode, "seconds": statistics.median(times), "all_seconds": times,
-            "peak_rss_growth_mib": peak_rss_mib() - rss_before}
+        for mode in MODES:
+            start = time.perf_counter()
+            step(mode)
+            times[mode].append(time.perf_counter() - start)
+    return {mode: statistics.median(values) for mode, values in times.items()}
+
+
+def run_memory(config_json: str, mode: str) -> float:
+    """Peak RSS growth (MiB) of one mode in a fresh process: after building the model, two steps."""
+    step = build(config_json)
+    before = peak_rss_mib()
+    step(mode)
+    step(mode)
+    return peak_rss_mib() - before
+
+
+def child(*args) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(config_kwargs: dict, repeats: int) -> dict:
-    """Runs every mode of one config, each in a fresh subprocess; ratios against the bare backbone."""
-    rows = {}
-    for mode in MODES:
-        out = subprocess.run(
-            [sys.executable, __file__, "--child", json.dumps(config_kwargs), mode, "--repeats", str(repeats)],
-            capture_output=True, text=True, check=True,
-        )
-        rows[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+    """Timings of every mode (one process, round-robin) and the peak RSS growth of each (one process each)."""
+    config_json = json.dumps(config_kwargs)
+    seconds = child("timing", config_json, str(repeats))
+    rows = {mode: {"seconds": seconds[mode], "peak_rss_growth_mib": child("memory", config_json, mode)}
+            for mode in MODES}
     bare_train = rows["bare_forward_backward"]["seconds"] + rows["bare_forward"]["seconds"]
     return {
         "rows": rows,
@@ -111,10 +128,12 @@ def main():
     parser.add_argument("--config", choices=("full", "tiny", "both"), default="both")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--child", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(run_mode(*args.child, args.repeats)))
+        kind, config_json, value = args.child
+        result = run_timing(config_json, int(value)) if kind == "timing" else run_memory(config_json, value)
+        print(json.dumps(result))
         return
     names = ("tiny", "full") if args.config == "both" else (args.config,)
     results = {name: measure(CONFIGS[name], args.repeats) for name in names}

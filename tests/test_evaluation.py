@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ from ivpt import IvptForImageClassification
 from ivpt.data import generate_cub
 from ivpt.evaluation import EvaluationSettings, evaluate_interpretability, parse_metrics
 from ivpt.image_processing import make_image_processor
-from ivpt.report import markdown_table
+from ivpt.report import flatten_metrics, markdown_table
 
 from conftest import tiny_config
 
@@ -90,3 +92,28 @@ def test_report_table_places_published_numbers():
     table = markdown_table({"trained": {"consistency": 50.0, "accuracy": {"top1_micro": 80.0}}})
     assert "| consistency % ↑ | 50.00 | 75.30 | – |" in table
     assert "| top-1 accuracy (micro) % ↑ | 80.00 | 90.80 | 88.72 |" in table
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate CLI not installed next to the interpreter")
+def test_two_processes_give_the_single_process_numbers(tmp_path, cub_dir, checkpoint):
+    """Under `accelerate launch` with 2 CPU processes every image is evaluated once and the numbers are identical."""
+    common = ["--model_name_or_path", str(checkpoint), "--data_dir", str(cub_dir), "--metrics",
+              "accuracy,consistency,stability,nmi_ari", "--batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
+              "--no_figures"]
+    script = str(REPO / "evaluate_interpretability.py")
+    single = subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one")],
+                            capture_output=True, text=True, timeout=600)
+    assert single.returncode == 0, single.stderr[-3000:]
+    accelerate = os.path.join(os.path.dirname(sys.executable), "accelerate")
+    double = subprocess.run(
+        [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision",
+         "no", "--dynamo_backend", "no", "--main_process_port", "29531", script, *common,
+         "--output_dir", str(tmp_path / "two")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert double.returncode == 0, double.stderr[-3000:]
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())["metrics"]
+    assert two["accuracy"]["num_images"] == 12 and two["consistency_num_images"] == 12
+    assert flatten_metrics(two) == pytest.approx(flatten_metrics(one))
