@@ -3,7 +3,7 @@
     python bench/bench_model.py [--config full|tiny|both] [--repeats 3] [--json OUT]
 
 Torch threads = 2, fp32, batch 1, random weights. Timings: all modes in one process, one warm-up each, then
-`--repeats` round-robin rounds (median reported), so machine load and drift affect every mode alike. Peak RSS
+`--repeats` rounds in a shuffled order (median reported), so machine load and drift affect every mode alike. Peak RSS
 growth: each mode in a fresh process (two steps after building the model).
 Modes: bare backbone forward (no grad); bare forward + backward to the trainable input-side tensors (cls/reg/pos);
 IVPT inference forward (no grad); IVPT full training step (clean pass, warped pass, all losses, backward, Adam step).
@@ -12,6 +12,7 @@ IVPT inference forward (no grad); IVPT full training step (clean pass, warped pa
 import argparse
 import json
 import platform
+import random
 import resource
 import statistics
 import subprocess
@@ -65,13 +66,13 @@ def build(config_json: str):
 
 
 def run_timing(config_json: str, repeats: int) -> dict:
-    """All modes round-robin in one process (so drift and load hit every mode alike); median seconds per mode."""
+    """All modes in one process, shuffled each round (so drift and load hit every mode alike); median seconds."""
     step = build(config_json)
     for mode in MODES:
         step(mode)  # warm-up
     times = {mode: [] for mode in MODES}
-    for _ in range(repeats):
-        for mode in MODES:
+    for round_index in range(repeats):  # a new mode order each round: no mode always follows the training step
+        for mode in random.Random(round_index).sample(MODES, len(MODES)):
             start = time.perf_counter()
             step(mode)
             times[mode].append(time.perf_counter() - start)
@@ -93,7 +94,7 @@ def child(*args) -> dict:
 
 
 def measure(config_kwargs: dict, repeats: int) -> dict:
-    """Timings of every mode (one process, round-robin) and the peak RSS growth of each (one process each)."""
+    """Timings of every mode (one process, shuffled rounds) and the peak RSS growth of each (one process each)."""
     config_json = json.dumps(config_kwargs)
     seconds = child("timing", config_json, str(repeats))
     rows = {mode: {"seconds": seconds[mode], "peak_rss_growth_mib": child("memory", config_json, mode)}

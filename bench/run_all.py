@@ -79,23 +79,30 @@ def main():
     args = parser.parse_args()
     target = ROOT / "BENCHMARKS.md"
     sections = split_sections(target.read_text()) if target.exists() else {}
-    for name in [n.strip() for n in args.only.split(",") if n.strip()]:
-        if name not in SECTIONS:
-            parser.error(f"--only: unknown section {name!r}; choose from {', '.join(SECTIONS)}")
-        sections[name] = run_section(name)
+    names = [n.strip() for n in args.only.split(",") if n.strip()]
+    unknown = [n for n in names if n not in SECTIONS]
+    if unknown:
+        parser.error(f"--only: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     demo = Path(args.demo_report)
     if demo.exists():
         body = demo.read_text().split("\n", 1)[1]
         sections["demo"] = f"## `make demo` quality ({datetime.date.today().isoformat()}; {machine()})\n{body}"
     if args.gpu_json:
         sections["gpu"] = gpu_section(Path(args.gpu_json))
+    write(target, sections)
+    for name in names:  # BENCHMARKS.md is rewritten after every section, so a failure keeps what was measured
+        sections[name] = run_section(name)
+        write(target, sections)
+
+
+def write(target: Path, sections: dict[str, str]) -> None:
     order = ["demo", *SECTIONS, "gpu"]
     text = "# Benchmarks\n\nWritten by `python bench/run_all.py` (`make bench`); each section names its command.\n\n"
     text += "\n".join(f"<!-- section: {name} -->\n{sections[name]}" for name in order if name in sections)
     temporary = target.with_suffix(".md.tmp")
     temporary.write_text(text)
     temporary.replace(target)
-    print(f"wrote {target}")
+    print(f"wrote {target}", flush=True)
 
 
 if __name__ == "__main__":
