@@ -4,7 +4,8 @@
 
 Torch threads = 2, fp32, batch 1, random weights. Timings: all modes in one process, one warm-up each, then
 `--repeats` rounds in a shuffled order (median reported), so machine load and drift affect every mode alike. Peak RSS
-growth: each mode in a fresh process (two steps after building the model).
+growth: each mode in a fresh process (two steps after building the model). FLOPs: torch.utils.flop_counter, a
+noise-free measure of what the prototype machinery adds (matmuls, convolutions and attention are counted).
 Modes: bare backbone forward (no grad); bare forward + backward to the trainable input-side tensors (cls/reg/pos);
 IVPT inference forward (no grad); IVPT full training step (clean pass, warped pass, all losses, backward, Adam step).
 """
@@ -79,6 +80,20 @@ def run_timing(config_json: str, repeats: int) -> dict:
     return {mode: statistics.median(values) for mode, values in times.items()}
 
 
+def run_flops(config_json: str) -> dict:
+    """FLOPs of every mode (torch.utils.flop_counter): a noise-free view of what the prototype machinery adds."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = build(config_json)
+    flops = {}
+    for mode in MODES:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step(mode)
+        flops[mode] = counter.get_total_flops()
+    return flops
+
+
 def run_memory(config_json: str, mode: str) -> float:
     """Peak RSS growth (MiB) of one mode in a fresh process: after building the model, two steps."""
     step = build(config_json)
@@ -97,21 +112,25 @@ def measure(config_kwargs: dict, repeats: int) -> dict:
     """Timings of every mode (one process, shuffled rounds) and the peak RSS growth of each (one process each)."""
     config_json = json.dumps(config_kwargs)
     seconds = child("timing", config_json, str(repeats))
-    rows = {mode: {"seconds": seconds[mode], "peak_rss_growth_mib": child("memory", config_json, mode)}
-            for mode in MODES}
+    flops = child("flops", config_json, "-")
+    rows = {mode: {"seconds": seconds[mode], "gflops": flops[mode] / 1e9,
+                   "peak_rss_growth_mib": child("memory", config_json, mode)} for mode in MODES}
     bare_train = rows["bare_forward_backward"]["seconds"] + rows["bare_forward"]["seconds"]
+    bare_train_flops = flops["bare_forward_backward"] + flops["bare_forward"]
     return {
         "rows": rows,
         "inference_ratio": rows["ivpt_inference"]["seconds"] / rows["bare_forward"]["seconds"],
         "train_ratio": rows["ivpt_train_step"]["seconds"] / bare_train,
+        "inference_flop_ratio": flops["ivpt_inference"] / flops["bare_forward"],
+        "train_flop_ratio": flops["ivpt_train_step"] / bare_train_flops,
     }
 
 
 def markdown(results: dict) -> str:
     lines = [
         "| config | bare fwd (s) | bare fwd+bwd (s) | IVPT inference (s) | IVPT train step (s) | inference / bare fwd "
-        "| train / (bare fwd+bwd + bare fwd) | train-step peak RSS growth (MiB) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| train / (bare fwd+bwd + bare fwd) | FLOP ratio inference / train | train-step peak RSS growth (MiB) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
         rows = result["rows"]
@@ -119,6 +138,7 @@ def markdown(results: dict) -> str:
             f"| {name} | {rows['bare_forward']['seconds']:.3f} | {rows['bare_forward_backward']['seconds']:.3f} "
             f"| {rows['ivpt_inference']['seconds']:.3f} | {rows['ivpt_train_step']['seconds']:.3f} "
             f"| {result['inference_ratio']:.3f} | {result['train_ratio']:.3f} "
+            f"| {result['inference_flop_ratio']:.3f} / {result['train_flop_ratio']:.3f} "
             f"| {rows['ivpt_train_step']['peak_rss_growth_mib']:.0f} |"
         )
     return "\n".join(lines)
@@ -133,7 +153,9 @@ def main():
     args = parser.parse_args()
     if args.child:
         kind, config_json, value = args.child
-        result = run_timing(config_json, int(value)) if kind == "timing" else run_memory(config_json, value)
+        runners = {"timing": lambda: run_timing(config_json, int(value)), "flops": lambda: run_flops(config_json),
+                   "memory": lambda: run_memory(config_json, value)}
+        result = runners[kind]()
         print(json.dumps(result))
         return
     names = ("tiny", "full") if args.config == "both" else (args.config,)

@@ -3,8 +3,9 @@ backbone in the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads; eac
 
     python bench/bench_scaling.py [--repeats 2] [--json OUT]
 
-`overhead` = IVPT training step / (bare forward+backward + bare forward) − 1: the share the prototype machinery adds
-on top of the two backbone passes a training step cannot avoid (§9).
+`time overhead` = IVPT training step / (bare forward+backward + bare forward) − 1: the share the prototype machinery
+adds on top of the two backbone passes a training step cannot avoid (§9); `FLOP overhead` is the same ratio in
+counted FLOPs (torch.utils.flop_counter), free of the timing noise of a shared machine.
 """
 
 import argparse
@@ -22,7 +23,9 @@ N_PRO = ("5,4", "9,7,5", "17,14,11,8,5", "33,27,21,15,9,5")
 def row(label: str, result: dict) -> str:
     rows = result["rows"]
     bare = rows["bare_forward_backward"]["seconds"] + rows["bare_forward"]["seconds"]
+    flop_overhead = f"{100 * (result['train_flop_ratio'] - 1):+.2f}%" if "train_flop_ratio" in result else "–"
     return (f"| {label} | {bare:.2f} | {rows['ivpt_train_step']['seconds']:.2f} | {100 * (result['train_ratio'] - 1):+.1f}% "
+            f"| {flop_overhead} "
             f"| {rows['bare_forward_backward']['peak_rss_growth_mib']:.0f} | {rows['ivpt_train_step']['peak_rss_growth_mib']:.0f} |")
 
 
@@ -31,8 +34,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json")
     args = parser.parse_args()
-    header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | overhead | bare fwd+bwd peak RSS growth (MiB) "
-              "| IVPT step peak RSS growth (MiB) |\n|---|---|---|---|---|---|")
+    header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | time overhead | FLOP overhead "
+              "| bare fwd+bwd peak RSS growth (MiB) | IVPT step peak RSS growth (MiB) |\n|---|---|---|---|---|---|---|")
     results = {"image_size": {}, "n_pro": {}}
     lines = ["Image size (n_pro 17,14,11,8,5):", "", header.format("image size")]
     for size in IMAGE_SIZES:
