@@ -50,7 +50,8 @@ def run_section(name: str) -> str:
         full = [sys.executable, *command, "--json", str(out)]
         print(f"== {name}: {' '.join(full[1:])}", flush=True)
         subprocess.run(full, cwd=ROOT, check=True)
-        markdown = json.loads(out.read_text()).get("markdown", "")
+        result = json.loads(out.read_text())
+        markdown = result.get("markdown") or "```json\n" + json.dumps(result, indent=2) + "\n```"
     date = datetime.date.today().isoformat()
     return f"## {title}\n\nCommand: `python {' '.join(command)}` ({date}; {machine()})\n\n{markdown}\n"
 
