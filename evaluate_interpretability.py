@@ -18,7 +18,13 @@ from accelerate import PartialState
 from transformers import AutoModelForImageClassification
 
 from ivpt.data.cub import resolve_sources, source_fingerprint
-from ivpt.evaluation import METRICS, EvaluationSettings, evaluate_interpretability, parse_metrics
+from ivpt.evaluation import (
+    METRICS,
+    EvaluationSettings,
+    evaluate_interpretability,
+    parse_metrics,
+    save_consistency_examples,
+)
 from ivpt.report import markdown_table, write_atomic
 
 
@@ -76,26 +82,10 @@ def main(argv=None) -> dict:
         write_atomic(out / "report.md", f"# IVPT evaluation of {args.model_name_or_path}\n\n"
                      + markdown_table({"this model": result["metrics"]}) + "\n")
         if examples and not args.no_figures:
-            write_figures(model, examples, out / "figures", settings.canvas)
+            save_consistency_examples(model, examples, out / "figures", settings.canvas)
         print(json.dumps(result["metrics"], indent=2))
         print(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
     return result
-
-
-def write_figures(model, examples: list[dict], out_dir: Path, canvas: int) -> None:
-    """Consistency figures (§7.3) of the evaluated stage: every class when there are at most 20, else every 20th."""
-    from ivpt.visualization import denormalise, save_consistency_figures
-
-    images = denormalise(torch.stack([e["image"] for e in examples]))
-    images = torch.nn.functional.interpolate(images, size=(canvas, canvas), mode="bilinear", antialias=True)
-    labels = torch.tensor([e["label"] for e in examples])
-    num_classes = model.config.num_labels
-    save_consistency_figures(
-        images.clamp(0, 1), torch.stack([e["maps"] for e in examples]), torch.stack([e["regions"] for e in examples]),
-        torch.stack([e["points"] for e in examples]), torch.stack([e["visible"] for e in examples]), labels, out_dir,
-        part_scores=torch.stack([e["part_logits"] for e in examples]),
-        classes=range(num_classes) if num_classes <= 20 else range(0, num_classes, 20),
-    )
 
 
 if __name__ == "__main__":

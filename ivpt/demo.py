@@ -111,7 +111,7 @@ def train(out: Path, data_root: Path, weights: Path, recipe: dict) -> Path:
     return folder
 
 
-def untrained_model(checkpoint: Path, weights: Path, out: Path):
+def untrained_model(checkpoint: Path, weights: Path):
     """The trained model's architecture with the pre-trained backbone and fresh IVPT tensors (seeded)."""
     from . import IvptConfig, IvptForImageClassification
 
@@ -138,7 +138,7 @@ def evaluate(out: Path, checkpoint: Path, weights: Path, data_root: Path) -> dic
         return json.loads(results_file.read_text())
     trained = AutoModelForImageClassification.from_pretrained(checkpoint)
     results = {}
-    for name, model in (("trained", trained), ("before IVPT training", untrained_model(checkpoint, weights, out))):
+    for name, model in (("trained", trained), ("before IVPT training", untrained_model(checkpoint, weights))):
         log(f"evaluating the {name} model")
         result = evaluate_interpretability(model, str(data_root), settings=settings, device="cpu",
                                            cache_dir=str(out / "cache"), keep_examples=name == "trained")
@@ -156,18 +156,14 @@ def write_figures(model, examples: list[dict], folder: Path, data_root: Path) ->
     from PIL import Image
 
     from . import explain
+    from .evaluation import save_consistency_examples
     from .image_processing import make_image_processor
-    from .visualization import save_part_overlays, stage_names
+    from .visualization import denormalise, save_part_overlays, stage_names
 
-    sys.path.insert(0, str(REPO))
-    from evaluate_interpretability import write_figures as consistency_figures
-
-    consistency_figures(model, examples, folder / "consistency", canvas=224)
+    save_consistency_examples(model, examples, folder / "consistency", canvas=224)
     images = torch.stack([e["image"] for e in examples[:8]])
     with torch.no_grad():
         maps = model.eval()(images).assignment_maps
-    from .visualization import denormalise
-
     save_part_overlays(denormalise(images), maps, folder / "parts", names=stage_names(model.config))
     image_path = sorted((data_root / "images").rglob("*.jpg"))[0]
     explanation = explain(model, make_image_processor(model.config.image_size), Image.open(image_path))
@@ -175,10 +171,10 @@ def write_figures(model, examples: list[dict], folder: Path, data_root: Path) ->
 
 
 def write_report(folder: Path, results: dict) -> None:
-    from .report import markdown_table, write_atomic
+    from .report import flatten_metrics, markdown_table, write_atomic
 
     columns = {name: result["metrics"] for name, result in results.items()}
-    trained, before, chance = (flatten(results[k]["metrics"]) for k in ("trained", "before IVPT training", "chance"))
+    trained, before, chance = (flatten_metrics(results[k]["metrics"]) for k in ("trained", "before IVPT training", "chance"))
     verdict = [
         f"- test accuracy {trained['top1_micro']:.1f}% vs chance {chance['top1_micro']:.1f}% "
         f"({trained['top1_micro'] / chance['top1_micro']:.1f}x; acceptance: >= 3x)",
@@ -190,12 +186,6 @@ def write_report(folder: Path, results: dict) -> None:
             "(`--normalise_parts_input`; the published protocol does not normalise, ALGORITHM.md §8 Q20).\n\nFigures: `figures/` (consistency, per-stage parts, explanation.png).\n")
     write_atomic(folder / "report.md", text)
     write_atomic(folder / "metrics.json", json.dumps(results, indent=2, default=str))
-
-
-def flatten(metrics: dict) -> dict:
-    from .report import flatten_metrics
-
-    return flatten_metrics(metrics)
 
 
 def main(argv=None) -> None:

@@ -20,9 +20,7 @@ import json
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import PartialState
 from accelerate.utils import gather_object
 from torchvision.transforms.v2 import InterpolationMode
@@ -91,9 +89,9 @@ def _batches(split, preprocess: Callable, batch_size: int, description: str) -> 
 
 def _gather(local: dict[str, list]) -> dict[str, list]:
     """Concatenates per-process lists of per-image records on every process."""
-    gathered = {key: gather_object(values) if PartialState().num_processes > 1 else values
-                for key, values in local.items()}
-    return gathered
+    if PartialState().num_processes == 1:
+        return local
+    return {key: gather_object(values) for key, values in local.items()}
 
 
 def _keypoint_tensor(keypoints) -> torch.Tensor:
@@ -288,3 +286,22 @@ def _parts_metrics(runner: _Runner, data_dir, metric_names, settings, cache_dir)
 def chance_levels(num_classes: int) -> dict:
     """What a random predictor scores: accuracy 100/C (top-5: 500/C), NMI = ARI = 0."""
     return {"top1_micro": 100 / num_classes, "top5_micro": min(100.0, 500 / num_classes), "nmi": 0.0, "ari": 0.0}
+
+
+def save_consistency_examples(model, examples: list[dict], out_dir, canvas: int = 224) -> None:
+    """Consistency figures (§7.3) from `evaluate_interpretability(..., keep_examples=True)["examples"]`.
+
+    Draws every class when there are at most 20, else every 20th (the release's choice).
+    """
+    from .visualization import denormalise, save_consistency_figures
+
+    images = denormalise(torch.stack([e["image"] for e in examples]))
+    images = torch.nn.functional.interpolate(images, size=(canvas, canvas), mode="bilinear", antialias=True)
+    labels = torch.tensor([e["label"] for e in examples])
+    num_classes = model.config.num_labels
+    save_consistency_figures(
+        images.clamp(0, 1), torch.stack([e["maps"] for e in examples]), torch.stack([e["regions"] for e in examples]),
+        torch.stack([e["points"] for e in examples]), torch.stack([e["visible"] for e in examples]), labels, out_dir,
+        part_scores=torch.stack([e["part_logits"] for e in examples]),
+        classes=range(num_classes) if num_classes <= 20 else range(0, num_classes, 20),
+    )
