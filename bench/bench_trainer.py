@@ -1,18 +1,25 @@
 #!/usr/bin/env python
-"""Training throughput of `IvptTrainer` vs the model's bare training step in a plain loop (same process, same model).
+"""Training throughput of `IvptTrainer` vs the model's bare training step in a plain loop (same process, same run).
 
-    python bench/bench_trainer.py [--steps 30] [--warmup 5] [--batch_size 8] [--json OUT]
+    python bench/bench_trainer.py [--steps 60] [--warmup 5] [--batch_size 8] [--workers 1] [--json OUT]
 
-Three measurements on the tiny test configuration (4-block, 32-wide ViT at 64 px, n_pro 6,5,4, 7 classes), all on
-CPU unless `--device cuda`:
+On the tiny test configuration (4-block, 32-wide ViT at 64 px, n_pro 6,5,4, 7 classes), on CPU unless
+`--device cuda`, three kinds of Trainer run are compared with the bare step:
 
-* `bare`: pre-made batches → forward with labels (full objective) → backward → clip 2.0 → Adam step → zero grads;
-* `trainer_tensors`: `IvptTrainer` on the same pre-made tensors (Trainer, scheduler, logging every 10 steps);
-* `trainer_images`: `IvptTrainer` on PIL images with the §4.5 augmentation applied on the fly (the real pipeline).
+* bare step: a pre-made batch → forward with labels (full objective) → backward → clip 2.0 → Adam step → zero grads,
+  on a second, identical model with its own optimizer;
+* `trainer_tensors`: `IvptTrainer` on pre-made tensors (Trainer, scheduler, logging every 10 steps);
+* `trainer_images_in_process`: `IvptTrainer` on PIL images with the §4.5 augmentation applied on the fly (the real
+  pipeline), decoded and augmented in the training process (`dataloader_num_workers 0`);
+* `trainer_images`: the same with `--workers` persistent loader workers (the recipes' setting: loading overlaps the
+  step; with `--threads 1` on a 2-core machine the worker has the second core).
 
-Throughput is images per second between the end of the warm-up steps and the last step, both per wall-clock second
-and per CPU second of this process (the latter is robust to other jobs on a shared machine); the best of `--rounds`
-interleaved rounds is kept. The overhead of the Trainer is `1 - trainer / bare`.
+The speed of a shared machine drifts by up to 2x within seconds, so the comparison is paired step by step: after
+every Trainer step a callback runs and times one bare step. The Trainer's time is the wall time between two step
+ends minus the bare step inside it (it includes data loading, the Trainer's bookkeeping and logging); the bare time
+is the sum of the bare steps. Overhead = `1 - trainer rate / bare rate`; the median over `--rounds` runs is kept.
+The time the Trainer spends fetching batches (`get_batch_samples`: decoding and augmenting in process, or receiving
+a batch from a worker) is reported separately.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import statistics
 import sys
 import time
 
@@ -47,77 +56,106 @@ def tiny_model(seed: int = 0) -> IvptForImageClassification:
     return IvptForImageClassification(IvptConfig(**TINY))
 
 
-def _now() -> tuple[float, float]:
-    """(wall, process CPU) seconds: CPU time is robust to other jobs sharing the machine, wall time is not."""
-    return time.perf_counter(), time.process_time()
+class BareStep:
+    """The model's training step in a plain loop, one step per call, on pre-made batches."""
+
+    def __init__(self, batch_size: int, device: str):
+        self.model = tiny_model().to(device).train()
+        self.optimizer = torch.optim.Adam(ivpt_parameter_groups(self.model, 1e-6))
+        self.parameters = [p for p in self.model.parameters() if p.requires_grad]
+        generator = torch.Generator().manual_seed(0)
+        self.batches = [
+            (torch.randn(batch_size, 3, 64, 64, generator=generator).to(device),
+             torch.randint(0, 7, (batch_size,), generator=generator).to(device))
+            for _ in range(8)
+        ]
+        self.device, self.step = device, 0
+
+    def __call__(self) -> None:
+        pixels, labels = self.batches[self.step % len(self.batches)]
+        self.model(pixel_values=pixels, labels=labels).loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.parameters, 2.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        self.step += 1
 
 
-class _Clock(TrainerCallback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
+class PairedClock(TrainerCallback):
+    """At the ends of steps `warmup` .. `last - 1`: runs and times one bare step; the wall time from the end of that
+    bare step to the next step end is booked to the Trainer."""
+
+    def __init__(self, bare_step: BareStep, warmup: int, last: int):
+        self.bare_step, self.warmup, self.last = bare_step, warmup, last
+        self.trainer_seconds = self.bare_seconds = 0.0
+        self.mark: float | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.warmup:
-            self.start = _now()
-        self.end = _now()
-
-
-def _rates(images: int, start, end) -> tuple[float, float]:
-    return images / (end[0] - start[0]), images / (end[1] - start[1])
-
-
-def bench_bare(steps: int, warmup: int, batch_size: int, device: str) -> tuple[float, float]:
-    model = tiny_model().to(device).train()
-    optimizer = torch.optim.Adam(ivpt_parameter_groups(model, 1e-6))
-    generator = torch.Generator().manual_seed(0)
-    batches = [
-        (torch.randn(batch_size, 3, 64, 64, generator=generator), torch.randint(0, 7, (batch_size,), generator=generator))
-        for _ in range(8)
-    ]
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    start = None
-    for step in range(steps + warmup):
-        if step == warmup:
-            start = _now()
-        pixels, labels = batches[step % len(batches)]
-        loss = model(pixel_values=pixels.to(device), labels=labels.to(device)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 2.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
+        if args.device.type == "cuda":
             torch.cuda.synchronize()
-    return _rates(steps * batch_size, start, _now())
+        now = time.perf_counter()
+        if self.mark is not None:
+            self.trainer_seconds += now - self.mark
+        self.mark = None
+        if self.warmup <= state.global_step < self.last:
+            self.bare_step()
+            self.mark = time.perf_counter()
+            self.bare_seconds += self.mark - now
 
 
-def bench_trainer(
+class _FetchTimedTrainer(IvptTrainer):
+    """Books the time spent fetching batches (`get_batch_samples`) inside the paired interval to `clock`."""
+
+    def __init__(self, *args, clock: PairedClock, **kwargs):
+        super().__init__(*args, callbacks=[clock], **kwargs)
+        self.clock, self.fetch_seconds = clock, 0.0
+
+    def get_batch_samples(self, *args, **kwargs):
+        start = time.perf_counter()
+        batches = super().get_batch_samples(*args, **kwargs)
+        if self.clock.mark is not None:
+            self.fetch_seconds += time.perf_counter() - start
+        return batches
+
+
+def bench_paired(
     dataset, steps: int, warmup: int, batch_size: int, device: str, output_dir: str, workers: int
-) -> tuple[float, float]:
+) -> dict[str, float]:
+    """Trainer and bare images per second over `steps` paired steps, and the Trainer's batch-fetch ms per step."""
     args = IvptTrainingArguments(
-        output_dir=output_dir, max_steps=steps + warmup, per_device_train_batch_size=batch_size, logging_steps=10,
+        output_dir=output_dir, max_steps=warmup + steps, per_device_train_batch_size=batch_size, logging_steps=10,
         save_strategy="no", report_to="none", disable_tqdm=True, use_cpu=device == "cpu", dataloader_num_workers=workers,
-        seed=0,
+        dataloader_persistent_workers=workers > 0, seed=0,
     )
-    clock = _Clock(warmup)
-    trainer = IvptTrainer(model=tiny_model(), args=args, train_dataset=dataset, callbacks=[clock])
+    clock = PairedClock(BareStep(batch_size, device), warmup, warmup + steps)
+    trainer = _FetchTimedTrainer(model=tiny_model(), args=args, train_dataset=dataset, clock=clock)
     trainer.train()
-    return _rates(steps * batch_size, clock.start, clock.end)
+    return {
+        "trainer": steps * batch_size / clock.trainer_seconds,
+        "bare": steps * batch_size / clock.bare_seconds,
+        "fetch_ms": 1000 * trainer.fetch_seconds / steps,
+        "step_ms": 1000 * clock.trainer_seconds / steps,
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--batch_size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=0, help="dataloader workers of the image pipeline")
+    parser.add_argument("--workers", type=int, default=1, help="persistent loader workers of `trainer_images`")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise on CPU)")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions; the best is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each kind (in a random order); the median is kept")
     parser.add_argument("--output_dir", default="/tmp/ivpt_bench_trainer")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--sharing_strategy", default="file_system", choices=["file_descriptor", "file_system"],
+                        help="torch.multiprocessing tensor sharing strategy (train_ivpt.py uses file_system)")
     args = parser.parse_args()
+    torch.multiprocessing.set_sharing_strategy(args.sharing_strategy)
 
-    count = 64
+    count = 512  # 64 steps per epoch: no epoch boundary inside the timed steps (a CUB epoch has ~1500)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(count, 3, 64, 64, generator=generator)
     tensors = [{"pixel_values": pixels[i], "labels": i % 7} for i in range(count)]  # in memory, no decoding
@@ -133,34 +171,39 @@ def main() -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    runs = {
-        "bare": lambda: bench_bare(args.steps, args.warmup, args.batch_size, args.device),
-        "trainer_tensors": lambda: bench_trainer(
-            tensors, args.steps, args.warmup, args.batch_size, args.device, args.output_dir, 0
-        ),
-        "trainer_images": lambda: bench_trainer(
-            images, args.steps, args.warmup, args.batch_size, args.device, args.output_dir, args.workers
-        ),
+    datasets_by_kind = {
+        "trainer_tensors": (tensors, 0), "trainer_images_in_process": (images, 0), "trainer_images": (images, args.workers)
     }
-    # Interleaved rounds share the machine's load fairly; the best round of each kind is kept.
-    wall = {key: 0.0 for key in runs}
-    cpu = {key: 0.0 for key in runs}
+    order = random.Random(0)
+    measured: dict[str, list[dict[str, float]]] = {key: [] for key in datasets_by_kind}
     for _ in range(args.rounds):
-        for key, run in runs.items():
-            wall_rate, cpu_rate = run()
-            wall[key], cpu[key] = max(wall[key], wall_rate), max(cpu[key], cpu_rate)
+        for key in order.sample(list(datasets_by_kind), len(datasets_by_kind)):
+            dataset, workers = datasets_by_kind[key]
+            measured[key].append(
+                bench_paired(dataset, args.steps, args.warmup, args.batch_size, args.device, args.output_dir, workers)
+            )
+
+    def median(key: str, field: str, digits: int = 1) -> float:
+        return round(statistics.median(run[field] for run in measured[key]), digits)
 
     result = {
         "config": "tiny (4 blocks, width 32, 64 px, n_pro 6,5,4), full objective",
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
         "batch_size": args.batch_size,
-        "steps": args.steps,
+        "loader_workers": args.workers,
+        "sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
+        "paired_steps_per_round": args.steps,
         "rounds": args.rounds,
-        "images_per_second_wall": {key: round(value, 2) for key, value in wall.items()},
-        "images_per_cpu_second": {key: round(value, 2) for key, value in cpu.items()},
-        "trainer_overhead_wall": {key: round(1 - wall[key] / wall["bare"], 4) for key in runs if key != "bare"},
-        "trainer_overhead_cpu": {key: round(1 - cpu[key] / cpu["bare"], 4) for key in runs if key != "bare"},
+        "images_per_second_median": {
+            key: {"trainer": median(key, "trainer"), "bare": median(key, "bare")} for key in measured
+        },
+        "trainer_step_ms_median": {key: median(key, "step_ms", 2) for key in measured},
+        "of_which_batch_fetch_ms_median": {key: median(key, "fetch_ms", 2) for key in measured},
+        "overhead_vs_bare_median": {
+            key: round(statistics.median(1 - run["trainer"] / run["bare"] for run in runs), 4)
+            for key, runs in measured.items()
+        },
     }
     print(json.dumps(result, indent=2))
     if args.json:

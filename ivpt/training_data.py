@@ -167,14 +167,23 @@ class SampleSeededTransform:
 
     With `seed` set, each sample is transformed under a torch RNG seeded by `(seed, epoch, sample index)` (forked, so
     the global RNG is untouched); with `seed=None` the transform draws from the global RNG like a plain pipeline.
-    Set `epoch` before each epoch starts (`AugmentationEpochCallback`); persistent loader workers would keep a stale
-    epoch, so they are refused by `train_ivpt.py`.
+    Set `epoch` before each epoch starts (`AugmentationEpochCallback`). It lives in a shared-memory tensor, so that
+    loader workers, persistent ones included, see the value set in the main process (the Trainer sets it before it
+    asks the loader for the epoch's first batch).
     """
 
     def __init__(self, transform: Callable, seed: int | None = None):
         self.transform = transform
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch.fill_(int(value))
 
     def _sample_seed(self, index: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, dtype=np.uint64)[0])
@@ -182,15 +191,19 @@ class SampleSeededTransform:
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
         images, labels = batch["image"], batch["label"]
         indices = batch.get(INDEX_COLUMN, [None] * len(images))
-        pixel_values = []
-        for image, index in zip(images, indices):
-            image = image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image
-            if self.seed is None or index is None:
-                pixel_values.append(self.transform(image))
-                continue
+        images = [image.convert("RGB") if isinstance(image, Image.Image) and image.mode != "RGB" else image
+                  for image in images]
+        if self.seed is None or any(index is None for index in indices):
+            pixel_values = [self.transform(image) for image in images]
+        else:
+            # The v2 transforms draw from the CPU default generator. It is saved once per batch and reseeded per
+            # sample with `default_generator.manual_seed`, not `torch.manual_seed`, which would also reseed every
+            # accelerator's generator (the model's Gumbel noise) and costs ~0.1 ms per call.
             with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self._sample_seed(int(index)))
-                pixel_values.append(self.transform(image))
+                pixel_values = []
+                for image, index in zip(images, indices):
+                    torch.default_generator.manual_seed(self._sample_seed(int(index)))
+                    pixel_values.append(self.transform(image))
         return {"pixel_values": [pixel.as_subclass(torch.Tensor) for pixel in pixel_values], "labels": list(labels)}
 
 

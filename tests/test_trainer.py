@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import TrainerCallback
 
 from conftest import TINY_BACKBONE_KWARGS, tiny_config
 
@@ -218,6 +219,96 @@ def test_short_training_run_logs_every_term_and_reloads(tmp_path):
         assert torch.equal(model.eval()(pixels).logits, reloaded(pixels).logits)
 
 
+def test_augmentation_epoch_reaches_persistent_workers():
+    """The epoch set in the main process reaches a persistent loader worker: its batches equal the in-process ones
+    for epoch 0 and epoch 1, and the two epochs differ."""
+    train, transform = training_set(8)
+
+    def epochs(**loader_kwargs):
+        loader = torch.utils.data.DataLoader(train, batch_size=4, **loader_kwargs)
+        batches = []
+        for epoch in range(2):
+            transform.epoch = epoch
+            batches.append(torch.cat([batch["pixel_values"] for batch in loader]))
+        return batches
+
+    in_process = epochs(num_workers=0)
+    in_worker = epochs(num_workers=1, persistent_workers=True)
+    assert not torch.equal(in_process[0], in_process[1])
+    for expected, actual in zip(in_process, in_worker):
+        assert torch.equal(expected, actual)
+
+
+def test_sample_seeding_leaves_the_global_rng_alone():
+    train, _ = training_set(4)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    first = train[:4]["pixel_values"]
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(a, b) for a, b in zip(first, train[:4]["pixel_values"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Mixed precision: clipping after unscaling (§8 Q12)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _GradientNormSpy(TrainerCallback):
+    """Records the L2 norm of the gradients the optimizer is about to apply (after clipping)."""
+
+    def __init__(self):
+        self.norms = []
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        grads = [p.grad.float().flatten() for p in model.parameters() if p.grad is not None]
+        self.norms.append(float(torch.cat(grads).norm()))
+
+
+def _clipping_run(tmp_path, name, **precision):
+    torch.manual_seed(0)
+    data = [{"pixel_values": torch.randn(3, 64, 64), "labels": i % 7} for i in range(12)]
+    spy = _GradientNormSpy()
+    args = training_args(tmp_path / name, max_steps=3, learning_rate=1e-3, **precision)
+    trainer = IvptTrainer(model=tiny_model(), args=args, train_dataset=data, callbacks=[spy])
+    return trainer, spy
+
+
+def test_fp16_gradients_are_clipped_after_unscaling(tmp_path):
+    """The CUDA fp16 path (autocast + GradScaler) on CPU: accelerate makes no scaler on CPU, so one is put where it
+    would be on a GPU. The applied gradients have norm exactly `max_grad_norm` in unscaled units (clipping the
+    scaled gradients, Q12, would leave norm 2 / scale), and the logged norm is the unscaled one (≈ the fp32 run's)."""
+    reference, reference_spy = _clipping_run(tmp_path, "fp32")
+    reference.train()
+    trainer, spy = _clipping_run(tmp_path, "fp16", fp16=True)
+    scale = 2.0**10
+    trainer.accelerator.native_amp = True
+    trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    trainer.train()
+    assert trainer.accelerator.scaler.get_scale() == scale  # no overflow: every step was applied
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    expected = [entry["grad_norm"] for entry in reference.state.log_history if "grad_norm" in entry]
+    assert len(spy.norms) == len(logged) == 3
+    assert logged[0] == pytest.approx(expected[0], rel=0.05) and logged[0] > 2.0
+    for raw, applied in zip(logged, spy.norms):
+        assert applied == pytest.approx(min(raw, 2.0), rel=1e-3)
+    for raw, applied in zip(expected, reference_spy.norms):
+        assert applied == pytest.approx(min(raw, 2.0), rel=1e-3)
+
+
+def test_bf16_autocast_clips_to_max_grad_norm(tmp_path):
+    reference, _ = _clipping_run(tmp_path, "fp32")
+    reference.train()
+    trainer, spy = _clipping_run(tmp_path, "bf16", bf16=True)
+    trainer.train()
+    assert trainer.accelerator.native_amp and trainer.accelerator.mixed_precision == "bf16"
+    logged = [entry["grad_norm"] for entry in trainer.state.log_history if "grad_norm" in entry]
+    expected = [entry["grad_norm"] for entry in reference.state.log_history if "grad_norm" in entry]
+    assert logged[0] == pytest.approx(expected[0], rel=0.1) and logged[0] > 2.0
+    for raw, applied in zip(logged, spy.norms):
+        assert applied == pytest.approx(min(raw, 2.0), rel=1e-3)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Resume
 # ---------------------------------------------------------------------------------------------------------------
@@ -315,6 +406,32 @@ def test_cli_training_writes_hf_checkpoint_and_eval_results(cli_run):
     assert "final_test_top1_micro" in card and "learning_rate" in card
     config = json.loads((output / "config.json").read_text())
     assert config["n_pro"] == [6, 5, 4] and len(config["id2label"]) == 7
+
+
+def test_cli_persistent_loader_worker_trains_like_in_process(image_folder, tmp_path):
+    """Two epochs with one persistent loader worker end with the weights of the in-process run: the per-epoch
+    augmentation seed reaches the worker. (The model's own noise is switched off: a persistent loader draws its base
+    seed from the global RNG once, an in-process one at every epoch, which shifts the Gumbel/warp draws.)"""
+    import train_ivpt
+
+    flags = [
+        "--dataset_name", str(image_folder), *TINY_FLAGS, "--max_steps", "8", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-5", "--save_strategy", "no", "--test_split", "", "--seed", "3",
+        "--gumbel_routing", "false", "--equivariance_loss_weight", "0",
+    ]
+    strategy = torch.multiprocessing.get_sharing_strategy()
+    try:
+        train_ivpt.main([*flags, "--output_dir", str(tmp_path / "in_process")])
+        train_ivpt.main([*flags, "--output_dir", str(tmp_path / "worker"), "--dataloader_num_workers", "1",
+                         "--dataloader_persistent_workers", "true"])
+        assert torch.multiprocessing.get_sharing_strategy() == "file_system"
+    finally:
+        torch.multiprocessing.set_sharing_strategy(strategy)
+    in_process = IvptForImageClassification.from_pretrained(tmp_path / "in_process").state_dict()
+    worker = IvptForImageClassification.from_pretrained(tmp_path / "worker").state_dict()
+    assert in_process.keys() == worker.keys()
+    for name, value in in_process.items():
+        torch.testing.assert_close(worker[name], value, rtol=0, atol=0, msg=name)
 
 
 def _main(argv):
