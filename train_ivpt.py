@@ -390,7 +390,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         trainer.save_model(training_args.output_dir, _internal_call=True)
 
     train_result = trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # no push yet: the final push follows the evaluation
     trainer.log_metrics("train", train_result.metrics)
     trainer.save_metrics("train", train_result.metrics)
     trainer.save_state()
@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             card_metrics = {f"final_{k}": v for k, v in results["final"].items() if isinstance(v, (int, float))}
             if "best" in results:
                 card_metrics.update({f"best_{k}": v for k, v in results["best"].items() if isinstance(v, (int, float))})
-            trainer.write_model_card(training_args.output_dir, card_metrics)
+            trainer.card_metrics = card_metrics  # also what a final `push_to_hub` puts in the card
+            trainer.write_model_card(training_args.output_dir)
     if training_args.push_to_hub:
         trainer.push_to_hub(commit_message="End of training")
     return results

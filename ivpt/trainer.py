@@ -501,6 +501,13 @@ class IvptTrainer(Trainer):
         card = render_model_card(config, self.recipe, metrics if metrics is not None else self.card_metrics)
         write_text_atomic(os.path.join(output_dir, "README.md"), card)
 
+    def create_model_card(self, **kwargs) -> None:
+        """`push_to_hub` calls this before the final upload: write the IVPT card (recipe and `card_metrics`) instead of
+        the stock `TrainingSummary` card, which would replace it. The stock card's arguments (tags, dataset, ...) are
+        not used."""
+        if self.is_world_process_zero():
+            self.write_model_card(self.args.output_dir)
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """The stock push copies only config and weights into `output_dir`: also copy the code files and the model
         card, so every push carries the remote code."""

@@ -18,7 +18,7 @@ from ivpt import IvptConfig, IvptForImageClassification, IvptModel
 from ivpt.convert_official import convert, main as convert_main
 from ivpt.image_processing import make_image_processor
 
-from conftest import TINY_BACKBONE_KWARGS, tiny_config
+from conftest import TINY_BACKBONE_KWARGS, load_in_fresh_process, tiny_config
 
 
 # ---- configuration -----------------------------------------------------------------------------------------------
@@ -95,49 +95,12 @@ def test_base_model_loads_from_classifier_checkpoint(tmp_path, model):
     torch.testing.assert_close(base.stages[0].prototypes, model.ivpt.stages[0].prototypes)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["ivpt"] = None  # the project must not be importable: everything comes from the checkpoint folder
-    import numpy as np, torch
-    from PIL import Image
-    from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
-    path = sys.argv[1]
-    model = AutoModelForImageClassification.from_pretrained(path, trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(path)
-    rgb = Image.fromarray(np.load(path + "/image.npy"))
-    gray = rgb.convert("L")
-    with torch.no_grad():
-        logits = model(**processor(rgb, return_tensors="pt")).logits[0].tolist()
-    classifier = pipeline("image-classification", model=path, trust_remote_code=True)
-    print(json.dumps({
-        "module": type(model).__module__,
-        "logits": logits,
-        "pipeline": classifier(rgb, top_k=3),
-        "pipeline_gray": classifier(gray, top_k=3),
-    }))
-    """
-)
-
-
 def test_fresh_process_remote_code_and_pipeline(tmp_path, model):
     """`python -I` from another directory, `ivpt` blocked: AutoModel and pipeline work and match this process."""
     model.eval()
     checkpoint = save_tiny(tmp_path / "checkpoint", model)
     pixels = np.random.default_rng(0).integers(0, 255, (80, 96, 3), dtype=np.uint8)
-    np.save(checkpoint / "image.npy", pixels)
-    script = tmp_path / "load.py"
-    script.write_text(REMOTE_SCRIPT)
-    workdir = tmp_path / "elsewhere"
-    workdir.mkdir()
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"))
-    result = subprocess.run(
-        [sys.executable, "-I", str(script), str(checkpoint)], cwd=workdir, env=env, capture_output=True, text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    loaded = load_in_fresh_process(checkpoint, pixels, tmp_path)
     assert loaded["module"].startswith("transformers_modules")  # the shipped code, not the installed package
 
     processor = make_image_processor(64)

@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from conftest import TINY_BACKBONE_KWARGS, tiny_config
+from conftest import TINY_BACKBONE_KWARGS, load_in_fresh_process, tiny_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from ivpt import IvptForImageClassification  # noqa: E402
+from ivpt.image_processing import make_image_processor  # noqa: E402
 from ivpt.losses import LOSS_TERMS  # noqa: E402
 from ivpt.trainer import (  # noqa: E402
     PARAMETER_GROUPS,
@@ -432,6 +433,76 @@ def test_cli_persistent_loader_worker_trains_like_in_process(image_folder, tmp_p
     assert in_process.keys() == worker.keys()
     for name, value in in_process.items():
         torch.testing.assert_close(worker[name], value, rtol=0, atol=0, msg=name)
+
+
+class FakeHub:
+    """Stands in for `huggingface_hub.HfApi` (no network here): `upload_folder` copies what a real upload would send
+    (same ignore-pattern filter) into `root/<repo_id>/` and records each commit's file list."""
+
+    def __init__(self, root):
+        self.root, self.commits = root, []
+
+    def create_repo(self, repo_id, **kwargs):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(repo_id=repo_id)
+
+    def upload_folder(self, repo_id, folder_path, path_in_repo=None, commit_message=None, run_as_future=False,
+                      ignore_patterns=None, **kwargs):
+        import shutil
+        from concurrent.futures import Future
+
+        from huggingface_hub.utils import filter_repo_objects
+
+        files = [os.path.relpath(os.path.join(d, f), folder_path) for d, _, fs in os.walk(folder_path) for f in fs]
+        files = sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns))
+        target = self.root / repo_id / (path_in_repo or "")
+        for name in files:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(os.path.join(folder_path, name), target / name)
+        self.commits.append((commit_message, path_in_repo, files))
+        if not run_as_future:
+            return commit_message
+        done = Future()
+        done.set_result(commit_message)
+        return done
+
+
+def test_push_to_hub_carries_code_files_in_every_push(image_folder, tmp_path, monkeypatch):
+    import transformers.trainer
+
+    import train_ivpt
+
+    hub = FakeHub(tmp_path / "hub")
+    monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
+    output = tmp_path / "run"
+    train_ivpt.main([
+        "--dataset_name", str(image_folder), *TINY_FLAGS, "--max_steps", "4", "--per_device_train_batch_size", "4",
+        "--save_strategy", "steps", "--save_steps", "2", "--output_dir", str(output), "--push_to_hub", "true",
+        "--hub_model_id", "someone/tiny-ivpt",
+    ])
+    model_pushes = [files for _, path_in_repo, files in hub.commits if path_in_repo is None]
+    assert [message for message, path, _ in hub.commits if path is None] == [
+        "Training in progress, step 2", "Training in progress, step 4", "End of training"
+    ]
+    for files in model_pushes:
+        for name in ("model.safetensors", "config.json", "configuration_ivpt.py", "modeling_ivpt.py", "losses.py",
+                     "preprocessor_config.json", "README.md"):
+            assert name in files, (name, files)
+        assert not any(name.startswith("checkpoint-") for name in files)
+    assert "eval_results.json" in model_pushes[-1]
+
+    repo = tmp_path / "hub" / "someone" / "tiny-ivpt"
+    card = (repo / "README.md").read_text()
+    assert "final_test_top1_micro" in card and "## Training recipe" in card  # the IVPT card, not the stock one
+    # The pushed repo works from the Hub alone: fresh process, `ivpt` not importable, same logits as the local run.
+    pixels = np.random.default_rng(0).integers(0, 255, (72, 80, 3), dtype=np.uint8)
+    pushed = load_in_fresh_process(repo, pixels, tmp_path)
+    assert pushed["module"].startswith("transformers_modules")
+    local = IvptForImageClassification.from_pretrained(output).eval()
+    with torch.no_grad():
+        logits = local(**make_image_processor(64)(Image.fromarray(pixels), return_tensors="pt")).logits[0]
+    torch.testing.assert_close(torch.tensor(pushed["logits"]), logits, rtol=1e-5, atol=1e-6)
 
 
 def _main(argv):
