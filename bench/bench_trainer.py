@@ -139,6 +139,36 @@ def bench_paired(
     }
 
 
+DESCRIPTIONS = {
+    "trainer_tensors": "Trainer on in-memory tensors",
+    "trainer_images_in_process": (
+        "Trainer, 72×80 PNG images decoded + §4.5 augmentation in the training process (0 workers)"
+    ),
+    "trainer_images": "Trainer, same decoding + augmentation in {workers} persistent loader worker(s)",
+}
+
+
+def render_markdown(result: dict) -> str:
+    lines = [
+        f"Tiny test config, batch {result['batch_size']}, {result['torch_threads']} torch thread(s), "
+        f"{result['device']}; each row: median of {result['rounds']} runs of {result['paired_steps_per_round']} "
+        "Trainer steps, each followed by one bare step (paired, so the machine's drift cancels); tensor sharing "
+        f"`{result['sharing_strategy']}`.",
+        "",
+        "| pipeline | Trainer images/s | bare step images/s | Trainer step (ms) | of which fetching the batch (ms) "
+        "| overhead vs bare |",
+        "|---|---|---|---|---|---|",
+    ]
+    for key, rates in result["images_per_second_median"].items():
+        lines.append(
+            f"| {DESCRIPTIONS[key].format(workers=result['loader_workers'])} | {rates['trainer']:.1f} | "
+            f"{rates['bare']:.1f} | {result['trainer_step_ms_median'][key]:.1f} | "
+            f"{result['of_which_batch_fetch_ms_median'][key]:.2f} | "
+            f"{100 * result['overhead_vs_bare_median'][key]:+.1f} % |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=60)
@@ -205,6 +235,7 @@ def main() -> None:
             for key, runs in measured.items()
         },
     }
+    result["markdown"] = render_markdown(result)
     print(json.dumps(result, indent=2))
     if args.json:
         temporary = f"{args.json}.tmp"
