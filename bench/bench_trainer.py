@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of `IvptTrainer` vs the model's bare training step in a plain loop (same process, same run).
 
-    python bench/bench_trainer.py [--steps 60] [--warmup 5] [--batch_size 8] [--workers 1] [--json OUT]
+    python bench/bench_trainer.py [--images_per_run 480] [--batch_sizes 4,8] [--workers 1] [--json OUT]
 
 On the tiny test configuration (4-block, 32-wide ViT at 64 px, n_pro 6,5,4, 7 classes), on CPU unless
 `--device cuda`, three kinds of Trainer run are compared with the bare step:
@@ -150,30 +150,41 @@ DESCRIPTIONS = {
 
 def render_markdown(result: dict) -> str:
     lines = [
-        f"Tiny test config, batch {result['batch_size']}, {result['torch_threads']} torch thread(s), "
-        f"{result['device']}; each row: median of {result['rounds']} runs of {result['paired_steps_per_round']} "
-        "Trainer steps, each followed by one bare step (paired, so the machine's drift cancels); tensor sharing "
-        f"`{result['sharing_strategy']}`.",
+        f"Tiny test config, {result['torch_threads']} torch thread(s), {result['device']}; each row: median of "
+        f"{result['rounds']} runs of {result['images_per_run']} images, every Trainer step followed by one bare step "
+        f"(paired, so the machine's drift cancels); tensor sharing `{result['sharing_strategy']}`.",
         "",
-        "| pipeline | Trainer images/s | bare step images/s | Trainer step (ms) | of which fetching the batch (ms) "
-        "| overhead vs bare |",
-        "|---|---|---|---|---|---|",
+        "| pipeline | batch | Trainer images/s | bare step images/s | Trainer step (ms) | of which fetching the batch "
+        "(ms) | overhead vs bare (median) | overhead, all runs |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for key, rates in result["images_per_second_median"].items():
+    for row in result["rows"]:
         lines.append(
-            f"| {DESCRIPTIONS[key].format(workers=result['loader_workers'])} | {rates['trainer']:.1f} | "
-            f"{rates['bare']:.1f} | {result['trainer_step_ms_median'][key]:.1f} | "
-            f"{result['of_which_batch_fetch_ms_median'][key]:.2f} | "
-            f"{100 * result['overhead_vs_bare_median'][key]:+.1f} % |"
+            f"| {DESCRIPTIONS[row['pipeline']].format(workers=result['loader_workers'])} | {row['batch_size']} | "
+            f"{row['trainer_images_per_s']:.1f} | {row['bare_images_per_s']:.1f} | {row['trainer_step_ms']:.1f} | "
+            f"{row['batch_fetch_ms']:.2f} | {100 * row['overhead_median']:+.1f} % | "
+            + ", ".join(f"{100 * value:+.1f}" for value in sorted(row["overhead_per_run"])) + " % |"
         )
     return "\n".join(lines)
 
 
+def summarise(pipeline: str, batch_size: int, runs: list[dict[str, float]]) -> dict:
+    def median(field: str) -> float:
+        return round(statistics.median(run[field] for run in runs), 2)
+
+    overheads = [round(1 - run["trainer"] / run["bare"], 4) for run in runs]
+    return {
+        "pipeline": pipeline, "batch_size": batch_size, "trainer_images_per_s": median("trainer"),
+        "bare_images_per_s": median("bare"), "trainer_step_ms": median("step_ms"), "batch_fetch_ms": median("fetch_ms"),
+        "overhead_median": round(statistics.median(overheads), 4), "overhead_per_run": overheads,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--images_per_run", type=int, default=480, help="timed images per run (steps = this / batch)")
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_sizes", default="4,8", help="comma-separated per-step batch sizes (4: the recipe)")
     parser.add_argument("--workers", type=int, default=1, help="persistent loader workers of `trainer_images`")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise on CPU)")
@@ -185,7 +196,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.multiprocessing.set_sharing_strategy(args.sharing_strategy)
 
-    count = 512  # 64 steps per epoch: no epoch boundary inside the timed steps (a CUB epoch has ~1500)
+    count = 1024  # no epoch boundary inside the timed steps (a CUB epoch has ~1500 steps)
     generator = torch.Generator().manual_seed(0)
     pixels = torch.randn(count, 3, 64, 64, generator=generator)
     tensors = [{"pixel_values": pixels[i], "labels": i % 7} for i in range(count)]  # in memory, no decoding
@@ -205,35 +216,27 @@ def main() -> None:
         "trainer_tensors": (tensors, 0), "trainer_images_in_process": (images, 0), "trainer_images": (images, args.workers)
     }
     order = random.Random(0)
-    measured: dict[str, list[dict[str, float]]] = {key: [] for key in datasets_by_kind}
-    for _ in range(args.rounds):
-        for key in order.sample(list(datasets_by_kind), len(datasets_by_kind)):
-            dataset, workers = datasets_by_kind[key]
-            measured[key].append(
-                bench_paired(dataset, args.steps, args.warmup, args.batch_size, args.device, args.output_dir, workers)
-            )
-
-    def median(key: str, field: str, digits: int = 1) -> float:
-        return round(statistics.median(run[field] for run in measured[key]), digits)
+    rows = []
+    for batch_size in [int(size) for size in args.batch_sizes.split(",")]:
+        steps = args.images_per_run // batch_size
+        measured: dict[str, list[dict[str, float]]] = {key: [] for key in datasets_by_kind}
+        for _ in range(args.rounds):
+            for key in order.sample(list(datasets_by_kind), len(datasets_by_kind)):
+                dataset, workers = datasets_by_kind[key]
+                measured[key].append(
+                    bench_paired(dataset, steps, args.warmup, batch_size, args.device, args.output_dir, workers)
+                )
+        rows += [summarise(key, batch_size, runs) for key, runs in measured.items()]
 
     result = {
         "config": "tiny (4 blocks, width 32, 64 px, n_pro 6,5,4), full objective",
         "device": args.device,
         "torch_threads": torch.get_num_threads(),
-        "batch_size": args.batch_size,
         "loader_workers": args.workers,
         "sharing_strategy": torch.multiprocessing.get_sharing_strategy(),
-        "paired_steps_per_round": args.steps,
+        "images_per_run": args.images_per_run,
         "rounds": args.rounds,
-        "images_per_second_median": {
-            key: {"trainer": median(key, "trainer"), "bare": median(key, "bare")} for key in measured
-        },
-        "trainer_step_ms_median": {key: median(key, "step_ms", 2) for key in measured},
-        "of_which_batch_fetch_ms_median": {key: median(key, "fetch_ms", 2) for key in measured},
-        "overhead_vs_bare_median": {
-            key: round(statistics.median(1 - run["trainer"] / run["bare"] for run in runs), 4)
-            for key, runs in measured.items()
-        },
+        "rows": rows,
     }
     result["markdown"] = render_markdown(result)
     print(json.dumps(result, indent=2))

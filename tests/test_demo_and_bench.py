@@ -49,3 +49,20 @@ def test_gpu_benchmark_script_cpu_mode(tmp_path):
         (mode, dtype) for mode in ("bare_inference", "ivpt_inference", "bare_train", "ivpt_train")
         for dtype in ("fp32", "bf16")}
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_trainer_benchmark_runs_every_pipeline(tmp_path):
+    out = tmp_path / "trainer.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_trainer.py"), "--images_per_run", "8", "--batch_sizes", "4",
+         "--warmup", "1", "--rounds", "1", "--output_dir", str(tmp_path / "runs"), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["pipeline"] for row in report["rows"]] == [
+        "trainer_tensors", "trainer_images_in_process", "trainer_images"]
+    for row in report["rows"]:
+        assert row["trainer_images_per_s"] > 0 and row["bare_images_per_s"] > 0 and len(row["overhead_per_run"]) == 1
+        assert 0 <= row["batch_fetch_ms"] < row["trainer_step_ms"]
+    assert report["markdown"].count("\n| Trainer") == 3
