@@ -6,6 +6,7 @@ from .configuration_ivpt import IvptConfig
 from .explanation import Explanation, IvptImageClassificationPipeline, explain
 from .image_processing import make_image_processor
 from .modeling_ivpt import (
+    CheckpointError,
     IvptForImageClassification,
     IvptImageClassifierOutput,
     IvptModel,
@@ -22,6 +23,7 @@ IvptModel.register_for_auto_class("AutoModel")
 IvptForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "CheckpointError",
     "Explanation",
     "IvptImageClassificationPipeline",
     "explain",

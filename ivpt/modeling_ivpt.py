@@ -6,6 +6,7 @@ here). Ships to the Hub: imports only torch, timm, transformers and the package'
 
 from dataclasses import dataclass
 import os
+import warnings
 
 import timm
 import torch
@@ -65,6 +66,90 @@ class IvptImageClassifierOutput(IvptModelOutput):
     logits: torch.FloatTensor | None = None
     part_logits: torch.FloatTensor | None = None
     loss_terms: dict[str, torch.FloatTensor] | None = None
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be loaded as it is; the message names the path or file."""
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """Absolute, relative to `.`/`~`, or deeper than a Hub `namespace/name` id."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def _check_checkpoint_path(path: str, config_given: bool) -> None:
+    """Errors naming the path for local checkpoints that cannot load; Hub ids pass through."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path!r} is a file; expected a checkpoint directory (config.json, model.safetensors) "
+                              "or a Hub model id")
+    if not os.path.isdir(path):
+        if _looks_like_local_path(path):
+            raise CheckpointError(f"{path!r}: no such directory")
+        return
+    if not config_given and not os.path.isfile(os.path.join(path, "config.json")):
+        raise CheckpointError(f"{path!r}: no config.json; not a saved IVPT checkpoint")
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            file = os.path.join(path, name)
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises its own SafetensorError (or OSError)
+                size = os.path.getsize(file)
+                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({size} bytes): {error}") from error
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: IvptConfig, in_channels: int, weight_dtype: torch.dtype,
+                       training: bool) -> None:
+    """Raises a `ValueError` naming the expected `(batch_size, in_channels, image_size, image_size)` floating-point
+    input before any work; non-finite values raise in training and warn in eval.
+
+    Cost: the shape and dtype checks read metadata only; the finite check is one reduction over the input and one
+    host sync per forward (skipped while `torch.compile` traces, where it would break the graph).
+    """
+    size = config.image_size
+    expected = f"(batch_size, {in_channels}, {size}, {size})"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"`pixel_values`: expected a tensor of shape {expected}, got {type(pixel_values).__name__}")
+    shape = tuple(pixel_values.shape)
+    if pixel_values.ndim != 4 or shape[0] < 1 or shape[1:] != (in_channels, size, size):
+        hint = " (add a batch dimension with `pixel_values[None]`)" if shape == (in_channels, size, size) else ""
+        raise ValueError(f"`pixel_values`: expected shape {expected}, got {shape}{hint}")
+    dtype = pixel_values.dtype
+    if not dtype.is_floating_point or dtype == torch.float64:
+        raise ValueError(
+            f"`pixel_values`: expected normalised float32/float16/bfloat16 images (the image processor's output), got "
+            f"{dtype}"
+        )
+    if dtype != weight_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        raise ValueError(f"`pixel_values`: dtype {dtype} differs from the model's {weight_dtype}; cast the input with "
+                         f"`.to({weight_dtype})` or run under autocast")
+    if torch.compiler.is_compiling() or bool(torch.isfinite(pixel_values).all()):
+        return
+    message = "`pixel_values`: the input holds NaN or infinite values"
+    if training:
+        raise ValueError(message)
+    warnings.warn(f"{message}; the outputs of these images are NaN", RuntimeWarning, stacklevel=3)
+
+
+def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
+    """Raises a `ValueError` naming the expected `(batch_size,)` class indices in `[0, num_labels)`.
+
+    Cost: one reduction over the labels and one host sync (skipped while `torch.compile` traces).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"`labels`: expected a tensor of shape ({batch_size},), got {type(labels).__name__}")
+    if tuple(labels.shape) != (batch_size,):
+        raise ValueError(f"`labels`: expected shape (batch_size,) = ({batch_size},), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"`labels`: expected integer class indices, got {labels.dtype}")
+    if torch.compiler.is_compiling():
+        return
+    if bool(((labels < 0) | (labels >= num_labels)).any()):
+        bad = sorted({int(label) for label in labels[(labels < 0) | (labels >= num_labels)].tolist()})
+        raise ValueError(f"`labels`: expected class indices in [0, num_labels) = [0, {num_labels}), got {bad}")
 
 
 def full_precision(device: torch.device):
@@ -169,15 +254,36 @@ class IvptPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block", "IvptPrototypeStage", "IvptPromptStage"]
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the §4.1 freezing again: transformers 5 re-wraps every loaded tensor
-        as a Parameter with `requires_grad=True`, which would silently unfreeze the backbone."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with checked inputs, then the §4.1 freezing again: transformers 5 re-wraps
+        every loaded tensor as a Parameter with `requires_grad=True`, which would silently unfreeze the backbone.
+
+        Raises:
+            CheckpointError: a local path that does not exist or is a file, a folder without `config.json`, a
+                truncated, corrupt or empty `*.safetensors` file (named), or a checkpoint that lacks weights of this
+                model (e.g. the classifier: it would otherwise be initialised at random with a mere warning).
+        """
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)):
+            _check_checkpoint_path(os.fspath(path), config_given=kwargs.get("config") is not None)
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except OSError as error:
+            if isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):
+                raise CheckpointError(f"{os.fspath(path)!r}: no such directory, and no Hub model of that id could be "
+                                      f"loaded ({error})") from error
+            raise
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise CheckpointError(
+                f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else path!r}: the checkpoint lacks "
+                f"{len(missing)} weight(s) of {cls.__name__}, e.g. {missing[:3]}; they would be initialised at random"
+            )
         for module in model.modules():
             if isinstance(module, IvptModel):
                 module._freeze()
-        return loaded
+        return (model, info) if wants_info else model
 
     @classmethod
     def from_backbone(cls, backbone: str = IvptConfig.backbone, backbone_weights: str | None = None, **config_kwargs):
@@ -311,6 +417,10 @@ class IvptModel(IvptPreTrainedModel):
             Draw Gumbel noise in the routing; defaults to `config.gumbel_routing` in training mode and to
             `config.gumbel_routing and config.sample_routing_noise_in_eval` in eval mode.
         """
+        patch_projection = self.backbone.patch_embed.proj
+        check_pixel_values(
+            pixel_values, self.config, patch_projection.in_channels, patch_projection.weight.dtype, self.training
+        )
         tokens, _, raw_maps, routing_weights, projected_maps = self._encode(
             pixel_values, self._sample_noise(sample_routing_noise)
         )
@@ -379,6 +489,9 @@ class IvptForImageClassification(IvptPreTrainedModel):
         sample_routing_noise (`bool`, *optional*):
             See [`IvptModel.forward`].
         """
+        if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+            # Checked before the pixels (in `self.ivpt`): both host syncs then wait for the same queued work.
+            check_labels(labels, pixel_values.shape[0], self.config.num_labels)
         outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise)
         part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
         logits = part_logits.mean(-1)
@@ -412,5 +525,5 @@ class IvptForImageClassification(IvptPreTrainedModel):
             )
 
 
-__all__ = ["IvptPreTrainedModel", "IvptModel", "IvptForImageClassification", "IvptModelOutput",
+__all__ = ["CheckpointError", "IvptPreTrainedModel", "IvptModel", "IvptForImageClassification", "IvptModelOutput",
            "IvptImageClassifierOutput"]
