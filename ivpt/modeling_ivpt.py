@@ -5,6 +5,7 @@ here). Ships to the Hub: imports only torch, timm, transformers and the package'
 """
 
 from dataclasses import dataclass
+import json
 import os
 import warnings
 
@@ -86,8 +87,17 @@ def _check_checkpoint_path(path: str, config_given: bool) -> None:
         if _looks_like_local_path(path):
             raise CheckpointError(f"{path!r}: no such directory")
         return
-    if not config_given and not os.path.isfile(os.path.join(path, "config.json")):
-        raise CheckpointError(f"{path!r}: no config.json; not a saved IVPT checkpoint")
+    config_file = os.path.join(path, "config.json")
+    if not config_given:
+        if not os.path.isfile(config_file):
+            raise CheckpointError(f"{path!r}: no config.json; not a saved IVPT checkpoint")
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                model_type = json.load(handle).get("model_type")
+        except (OSError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{config_file}: not a readable JSON object ({error})") from error
+        if model_type != IvptConfig.model_type:
+            raise CheckpointError(f"{config_file}: a {model_type!r} model, not {IvptConfig.model_type!r}")
     from safetensors import safe_open
 
     for name in sorted(os.listdir(path)):
@@ -274,6 +284,13 @@ class IvptPreTrainedModel(PreTrainedModel):
                 raise CheckpointError(f"{os.fspath(path)!r}: no such directory, and no Hub model of that id could be "
                                       f"loaded ({error})") from error
             raise
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise CheckpointError(
+                f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else path!r}: weight shapes differ from the "
+                "ones its configuration (config.json) defines; see the load report above"
+            ) from error
         if info.get("missing_keys"):
             missing = sorted(info["missing_keys"])
             raise CheckpointError(
@@ -294,16 +311,24 @@ class IvptPreTrainedModel(PreTrainedModel):
         so checkpoints of DINOv2 work offline. They are copied after `post_init`, which never touches the backbone.
         `config_kwargs` go to [`IvptConfig`].
         """
-        config = IvptConfig(backbone=backbone, **config_kwargs)
         overlay = None
         if backbone_weights is not None:
             if not os.path.isfile(backbone_weights):
                 raise FileNotFoundError(f"`backbone_weights`: no such file {backbone_weights!r}")
             overlay = dict(file=os.fspath(backbone_weights))
-        pretrained = timm.create_model(
-            backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, img_size=config.image_size,
-            **config.backbone_kwargs,
-        )
+        config = IvptConfig(backbone=backbone, **config_kwargs)
+        try:
+            pretrained = timm.create_model(
+                backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, img_size=config.image_size,
+                **config.backbone_kwargs,
+            )
+        except Exception as error:  # safetensors, torch.load and timm raise many types
+            if backbone_weights is None:
+                raise
+            raise CheckpointError(
+                f"`backbone_weights`: {backbone_weights}: cannot load as {backbone!r} weights "
+                f"({type(error).__name__}: {error})"
+            ) from error
         model = cls(config)
         base = getattr(model, cls.base_model_prefix, model)
         base.backbone.load_state_dict(pretrained.state_dict())

@@ -766,6 +766,8 @@ def load_cub(
     """
     if config not in CONFIG_NAMES:
         raise ValueError(f"Expected config in {CONFIG_NAMES}, got {config!r}")
+    if not isinstance(augmentation_passes, int) or augmentation_passes < 1:
+        raise ValueError(f"Expected augmentation_passes >= 1, got {augmentation_passes!r}")
     sources = resolve_sources(data_dir, segmentations)
     params = {"config": config, "seed": seed, "passes": augmentation_passes, "masks": sources.segmentations is not None}
     fingerprint = source_fingerprint(sources, params, content_hash=content_hash)
@@ -780,13 +782,13 @@ def load_cub(
     )
     try:
         builder.download_and_prepare(num_proc=num_proc)
+        return builder.as_dataset()
     except BaseException as error:
         _discard_failed_build(builder)
         cause = error.__cause__
         if isinstance(error, datasets.exceptions.DatasetGenerationError) and isinstance(cause, CubFormatError):
             raise CubFormatError(str(cause)) from error
         raise
-    return builder.as_dataset()
 
 
 def _discard_failed_build(builder: Cub200) -> None:
