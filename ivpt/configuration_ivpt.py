@@ -29,7 +29,7 @@ def _backbone_geometry(backbone: str, backbone_kwargs_json: str, image_size: int
             model = timm.create_model(backbone, pretrained=False)
         if isinstance(model, VisionTransformer):
             raise ValueError(f"`backbone_kwargs`: timm rejected {kwargs} for {backbone!r}: {error}") from error
-    except (AssertionError, ValueError, RuntimeError, ZeroDivisionError) as error:  # timm asserts on inconsistent geometry
+    except (AssertionError, ValueError, RuntimeError, ZeroDivisionError) as error:  # timm's geometry checks
         raise ValueError(f"`backbone_kwargs`: timm rejected {kwargs} for {backbone!r}: {error}") from error
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ValueError(

@@ -78,7 +78,7 @@ def _looks_like_local_path(path: str) -> bool:
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
 
 
-def _check_checkpoint_path(path: str, config_given: bool) -> None:
+def _check_checkpoint_path(path: str, subfolder: str, config_given: bool) -> None:
     """Errors naming the path for local checkpoints that cannot load; Hub ids pass through."""
     if os.path.isfile(path):
         raise CheckpointError(f"{path!r} is a file; expected a checkpoint directory (config.json, model.safetensors) "
@@ -87,6 +87,9 @@ def _check_checkpoint_path(path: str, config_given: bool) -> None:
         if _looks_like_local_path(path):
             raise CheckpointError(f"{path!r}: no such directory")
         return
+    path = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r}: no such directory (`subfolder` {subfolder!r})")
     config_file = os.path.join(path, "config.json")
     if not config_given:
         if not os.path.isfile(config_file):
@@ -108,7 +111,9 @@ def _check_checkpoint_path(path: str, config_given: bool) -> None:
                     pass
             except Exception as error:  # safetensors raises its own SafetensorError (or OSError)
                 size = os.path.getsize(file)
-                raise CheckpointError(f"{file}: corrupt or truncated safetensors file ({size} bytes): {error}") from error
+                raise CheckpointError(
+                    f"{file}: corrupt or truncated safetensors file ({size} bytes): {error}"
+                ) from error
 
 
 def check_pixel_values(pixel_values: torch.Tensor, config: IvptConfig, in_channels: int, weight_dtype: torch.dtype,
@@ -275,7 +280,7 @@ class IvptPreTrainedModel(PreTrainedModel):
         """
         path = pretrained_model_name_or_path
         if isinstance(path, (str, os.PathLike)):
-            _check_checkpoint_path(os.fspath(path), config_given=kwargs.get("config") is not None)
+            _check_checkpoint_path(os.fspath(path), kwargs.get("subfolder") or "", kwargs.get("config") is not None)
         wants_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)

@@ -905,10 +905,6 @@ def _(ctx):
     run_command("evaluate_interpretability.py", *_eval_argv(ctx, "--metrics", "bogus"))
 
 
-@case("evaluate_cli", "subprocess_batch_size_zero", (CommandFailed,), "--batch_size", watched=("out_root",),
-      xfail=H13)
-def _(ctx):
-    run_command("evaluate_interpretability.py", *_eval_argv(ctx, "--batch_size", "0"))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
