@@ -963,3 +963,17 @@ def test_failed_build_leaves_the_cache_as_it_was(env, tmp_path):
     with pytest.raises(CubFormatError, match="images.txt line 1"):
         load_cub(root, cache_dir=cache)
     assert sorted(p.relative_to(cache).as_posix() for p in cache.rglob("*")) == before
+
+
+def test_finite_check_has_no_false_positive_when_the_sum_overflows(env):
+    from ivpt.modeling_ivpt import check_pixel_values
+
+    huge = torch.full((2, 3, 64, 64), 3e38)  # finite, but the float32 sum overflows to inf
+    assert not torch.isfinite(huge.sum(dtype=torch.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_pixel_values(huge, env.model.config, 3, torch.float32, training=True)
+        check_pixel_values(torch.randn(2, 3, 64, 64), env.model.config, 3, torch.float32, training=False)
+    huge[0, 1, 2, 3] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        check_pixel_values(huge, env.model.config, 3, torch.float32, training=True)
