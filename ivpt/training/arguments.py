@@ -22,6 +22,7 @@ import json
 import os
 import re
 import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -310,7 +311,8 @@ def _accepts_list(name: str) -> bool:
     for cls in ARGUMENT_CLASSES:
         hint = typing.get_type_hints(cls).get(name)
         if hint is not None:
-            kinds = typing.get_args(hint) or (hint,)
+            union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+            kinds = typing.get_args(hint) if union else (hint,)
             return any(typing.get_origin(kind) is list or kind is list for kind in kinds)
     return False
 
@@ -440,6 +442,8 @@ def check_values(values: dict[str, Any]) -> None:
     for name in ("learning_rate", "weight_decay", "max_grad_norm", "dataloader_num_workers"):
         if values[name] < 0:
             raise TrainingError(f"`--{name}`: expected a non-negative value, got {values[name]}")
+    if values["dataloader_persistent_workers"] and values["dataloader_num_workers"] == 0:
+        raise TrainingError("`--dataloader_persistent_workers true` needs `--dataloader_num_workers` > 0")
     if values["num_labels"] is not None and values["num_labels"] < 1:
         raise TrainingError(f"`--num_labels`: expected a positive integer, got {values['num_labels']}")
     output_dir = values["output_dir"]

@@ -532,6 +532,10 @@ class IvptTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.write_model_card(output_dir)
+            for name in os.listdir(output_dir):  # safetensors writes 0600 files: make the saved model readable
+                path = os.path.join(output_dir, name)
+                if os.path.isfile(path):
+                    os.chmod(path, 0o644)
 
     def write_model_card(self, output_dir: str, metrics: dict[str, Any] | None = None) -> None:
         """Writes `README.md` (recipe + `metrics`, or the latest evaluation metrics) into `output_dir`."""
