@@ -174,7 +174,7 @@ def test_one_process_commands_and_resume_after_kill(workspace):
     # The documented evaluation-only command: the same numbers as after training.
     run(workspace, EVALUATE)
     evaluated = json.loads((reference / "test" / "eval_results.json").read_text())
-    for key in ("test_loss", "test_top1_micro", "test_top5_micro", "test_num_samples"):
+    for key in ("test_loss", "test_top1_micro", "test_top1_macro", "test_num_samples"):
         assert evaluated["final"][key] == pytest.approx(results["final"][key], rel=1e-6), key
 
     # The documented command without --backbone_weights: timm's pretrained weights of --backbone (here from the local

@@ -313,7 +313,7 @@ def card_recipe(given: dict[str, Any], source: str) -> dict[str, Any]:
     for key, value in given.items():
         if _SECRET_KEY.search(key):
             continue
-        if isinstance(value, str) and (os.path.isabs(value) or os.sep in value) and key != "backbone_kwargs":
+        if isinstance(value, str) and (os.path.isabs(value) or os.path.exists(value)):
             value = os.path.basename(os.path.normpath(value))
         recipe[key] = value
     return recipe
