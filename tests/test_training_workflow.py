@@ -349,3 +349,19 @@ def test_auto_model_loads_a_classifier_checkpoint_without_ivpt(model, tmp_path):
     with torch.no_grad():
         expected = model.ivpt.eval()(torch.randn(1, 3, 64, 64)).part_features.sum()
     assert name == "IvptModel" and float(total) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("name", ["cub_ivpt.yaml", "cub_ivpt_1gpu.yaml"])
+def test_shipped_recipes_hold_only_what_differs_from_the_defaults(name, tmp_path):
+    """The defaults live in IvptConfig / IvptTrainingArguments / DataArguments only: a recipe that repeated one would
+    be a second place to keep in sync."""
+    from ivpt.training.arguments import read_recipe
+
+    recipe = read_recipe(os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", name))
+    defaults = parse_arguments(["--output_dir", str(tmp_path)])[:3]
+    for key, value in recipe.items():
+        default = next(getattr(objects, key) for objects in defaults if hasattr(objects, key))
+        default = getattr(default, "value", default)
+        if key == "output_dir":
+            continue
+        assert value != default and [value] != default, (name, key, value)
