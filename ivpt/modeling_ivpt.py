@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_ivpt import IvptConfig
 from .losses import ivpt_objective, sample_equivariance_warp, unwarp_maps, warp_images
@@ -47,8 +48,11 @@ class IvptModelOutput(ModelOutput):
 
 
 @dataclass
-class IvptImageClassifierOutput(IvptModelOutput):
+class IvptImageClassifierOutput(ModelOutput):
     """
+    Fields in the order of every transformers classifier output: `loss`, `logits` first (so `outputs[0]`,
+    `to_tuple()` and `return_dict=False` behave as usual), then the IVPT outputs.
+
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             In training mode the full IVPT objective of §3.1 (second, warped pass included); in eval mode the
@@ -57,15 +61,20 @@ class IvptImageClassifierOutput(IvptModelOutput):
             Mean of `part_logits` over the parts.
         part_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, num_parts)`):
             Class scores of each foreground part.
-        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is given):
-            The unweighted loss terms (`ivpt.losses.LOSS_TERMS` in training mode, `classification` in eval mode).
         part_features, interpretation_maps, assignment_maps, projected_maps, routing_weights:
             As in [`IvptModelOutput`].
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is given):
+            The unweighted loss terms (`ivpt.losses.LOSS_TERMS` in training mode, `classification` in eval mode).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     part_logits: torch.FloatTensor | None = None
+    part_features: torch.FloatTensor | None = None
+    interpretation_maps: torch.FloatTensor | None = None
+    assignment_maps: tuple[torch.FloatTensor, ...] | None = None
+    projected_maps: tuple[torch.FloatTensor, ...] | None = None
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
     loss_terms: dict[str, torch.FloatTensor] | None = None
 
 
@@ -310,6 +319,15 @@ class IvptPreTrainedModel(PreTrainedModel):
                 module._freeze()
         return (model, info) if wants_info else model
 
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the saved `auto_map` also maps `AutoModel` to `IvptModel`, so that a
+        classifier checkpoint loads with `AutoModel` (trust_remote_code) where ivpt is not installed."""
+        if getattr(type(self), "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{IvptModel.__module__.rsplit('.', 1)[-1]}.IvptModel")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
+
     @classmethod
     def from_backbone(cls, backbone: str = IvptConfig.backbone, backbone_weights: str | None = None, **config_kwargs):
         """A new IVPT model whose backbone carries pretrained timm weights.
@@ -442,6 +460,7 @@ class IvptModel(IvptPreTrainedModel):
             return sample_routing_noise
         return self.config.gumbel_routing and (self.training or self.config.sample_routing_noise_in_eval)
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None, **kwargs) -> IvptModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
@@ -506,6 +525,7 @@ class IvptForImageClassification(IvptPreTrainedModel):
             "entropy": config.entropy_loss_weight,
         }
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -525,7 +545,7 @@ class IvptForImageClassification(IvptPreTrainedModel):
         if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
             # Checked before the pixels (in `self.ivpt`): both host syncs then wait for the same queued work.
             check_labels(labels, pixel_values.shape[0], self.config.num_labels)
-        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise)
+        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise, return_dict=True)
         part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
         logits = part_logits.mean(-1)
         loss = loss_terms = None
