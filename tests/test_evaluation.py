@@ -38,7 +38,7 @@ def checkpoint(tmp_path_factory):
 
 
 def test_parse_metrics():
-    assert parse_metrics("all") == ["accuracy", "consistency", "stability", "nmi_ari", "kpr", "fg_iou"]
+    assert parse_metrics("all") == ["accuracy", "consistency", "stability", "nmi_ari", "kpr", "fg_iou", "part_nmi_ari"]
     assert parse_metrics("nmi_ari, kpr") == ["nmi_ari", "kpr"]
     with pytest.raises(ValueError, match="--metrics"):
         parse_metrics("accuracy,bogus")
@@ -63,17 +63,10 @@ def test_cli_every_metric(tmp_path, cub_dir, checkpoint):
     assert len(metrics["model_fingerprint"]) == 16 and len(metrics["data_fingerprint"]) == 16
     report = (out / "report.md").read_text()
     assert "consistency" in report and "75.30" in report  # next to the published IVPT number
-    assert list((out / "figures").rglob("*.png"))
-
-
-def test_cli_rejects_bad_arguments(tmp_path, checkpoint):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "evaluate_interpretability.py"), "--model_name_or_path", str(checkpoint),
-         "--data_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "o")],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 2 and "--data_dir" in result.stderr
-    assert not (tmp_path / "o").exists()
+    assert list((out / "figures" / "results_all").glob("*.png"))
+    assert sorted(p.name for p in (out / "figures" / "hierarchy").glob("*.png")) == [f"hierarchy_{i}.png" for i in range(4)]
+    assert metrics["skipped"] == {"part_nmi_ari": "the evaluated split has no part_mask column"}
+    assert "`part_nmi_ari` skipped: the evaluated split has no part_mask column" in report
 
 
 def test_stability_is_seeded_and_noise_free_stability_is_100(tmp_path, cub_dir):
@@ -100,7 +93,7 @@ def test_two_processes_give_the_single_process_numbers(tmp_path, cub_dir, checkp
     """Under `accelerate launch` with 2 CPU processes every image is evaluated once and the numbers are identical."""
     common = ["--model_name_or_path", str(checkpoint), "--data_dir", str(cub_dir), "--metrics",
               "accuracy,consistency,stability,nmi_ari", "--batch_size", "4", "--cache_dir", str(tmp_path / "cache"),
-              "--no_figures"]
+              "--figures", "none"]
     script = str(REPO / "evaluate_interpretability.py")
     single = subprocess.run([sys.executable, script, *common, "--output_dir", str(tmp_path / "one")],
                             capture_output=True, text=True, timeout=600)
