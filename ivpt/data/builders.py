@@ -23,9 +23,13 @@ class Layout:
 
 
 def _cub_detect(path: Path) -> bool:
-    return (path / "images.txt").is_file() and (path / "parts" / "part_locs.txt").is_file() or (
-        (path / "CUB_200_2011" / "images.txt").is_file()
-    ) or any((path / f"CUB_200_2011{s}").is_file() for s in (".tgz", ".tar.gz", ".tar"))
+    from .cub import resolve_sources
+
+    try:
+        resolve_sources(path, segmentations=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def _cub_load(path, config=None, cache_dir=None, **kwargs):
@@ -34,8 +38,26 @@ def _cub_load(path, config=None, cache_dir=None, **kwargs):
     return load_cub(path, config or "full", cache_dir=cache_dir, **kwargs)
 
 
+def _lazy(module: str, name: str) -> Callable:
+    """`ivpt.data.<module>.<name>`, imported on first call."""
+
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(f".{module}", __package__), name)(*args, **kwargs)
+
+    return call
+
+
+# Order matters: NABirds has CUB's images.txt and parts/part_locs.txt too, and is told apart by hierarchy.txt.
 LAYOUTS: dict[str, Layout] = {
-    "cub": Layout("cub", _cub_detect, _cub_load),
+    layout.name: layout
+    for layout in (
+        Layout("nabirds", _lazy("nabirds", "is_layout"), _lazy("nabirds", "load_nabirds")),
+        Layout("cub", _cub_detect, _cub_load),
+        Layout("flowers102", _lazy("flowers", "is_layout"), _lazy("flowers", "load_flowers102")),
+        Layout("partimagenet", _lazy("partimagenet", "is_layout"), _lazy("partimagenet", "load_partimagenet")),
+    )
 }
 
 

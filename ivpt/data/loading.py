@@ -4,8 +4,8 @@
 
 * a folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk` (it holds ``dataset_dict.json``, or
   ``state.json`` + ``dataset_info.json``) -> `datasets.load_from_disk`;
-* a folder in one of the official layouts our builders read (CUB-200-2011, NABirds, Oxford Flowers-102,
-  PartImageNet; see `ivpt.data.builders`) -> that builder;
+* a folder (or the official archive) in one of the official layouts our builders read (CUB-200-2011, NABirds,
+  Oxford Flowers-102, PartImageNet; see `ivpt.data.builders`) -> that builder;
 * any other local folder -> `datasets.load_dataset(folder)`, which picks the packaged loader from the files it finds:
   a Hub-style parquet folder (``data/train-00000-of-00001.parquet`` ..., optionally with a README.md ``configs``
   block), csv / json / arrow files, or an imagefolder (``<split>/<class>/<image>``);
@@ -59,8 +59,9 @@ def dataset_source_kind(name_or_path: str | os.PathLike) -> str:
             return "save_to_disk"
         layout = _layout_builder(path)
         return layout[0] if layout else "folder"
-    if path.exists():
-        return "file"
+    if path.is_file():
+        layout = _layout_builder(path) if path.name.endswith((".tgz", ".tar.gz", ".tar")) else None
+        return layout[0] if layout else "file"
     return "hub"
 
 
@@ -111,6 +112,9 @@ def load_any_dataset(
     if kind == "hub" and (path.is_absolute() or text.startswith((".", "~")) or text.count("/") > 1):
         raise FileNotFoundError(f"{text}: no such dataset folder")
     cache = None if cache_dir is None else str(cache_dir)
+    if kind not in ("save_to_disk", "folder", "hub"):  # an official layout: its builder's errors name the file
+        _, loader = _layout_builder(path)
+        return _select(loader(path, config=config_name, cache_dir=cache, **builder_kwargs), split, text)
     try:
         if kind == "save_to_disk":
             if config_name is not None:
@@ -119,17 +123,19 @@ def load_any_dataset(
         elif kind == "folder":
             _check_folder_has_data(path)
             loaded = datasets.load_dataset(str(path), config_name, cache_dir=cache)
-        elif kind == "hub":
-            loaded = datasets.load_dataset(text, config_name, cache_dir=cache)
         else:
-            _, loader = _layout_builder(path)
-            loaded = loader(path, config=config_name, cache_dir=cache, **builder_kwargs)
+            loaded = datasets.load_dataset(text, config_name, cache_dir=cache)
     except (DatasetSourceError, FileNotFoundError):
         raise
     except Exception as error:  # `datasets` raises many types (DatasetNotFoundError, ValueError, OSError, ...)
         form = {"save_to_disk": "a save_to_disk folder", "folder": "a local data folder",
-                "hub": "a Hub dataset id (offline: from the local cache only)"}.get(kind, f"a {kind} folder")
+                "hub": "a Hub dataset id (offline: from the local cache only)"}[kind]
         raise DatasetSourceError(f"{text}: cannot load it as {form}: {type(error).__name__}: {error}") from error
+    return _select(loaded, split, text)
+
+
+def _select(loaded, split: Optional[str], text: str):
+    """The whole `DatasetDict` (a single saved `Dataset` becomes split "train"), or the split `split`."""
     if isinstance(loaded, datasets.Dataset) and split is None:
         loaded = datasets.DatasetDict({"train": loaded})  # a saved single Dataset: one split named train
     if split is not None:

@@ -158,7 +158,7 @@ def _run_pass(pass_name: str, names: list[str], context: PassContext, split, des
 def evaluate_dataset(
     model,
     data: EvaluationData,
-    metric_names: Sequence[str] = METRICS,
+    metric_names: str | Sequence[str] = METRICS,
     settings: Optional[EvaluationSettings] = None,
     device: str | torch.device | None = None,
     keep_examples: bool = False,
@@ -174,7 +174,7 @@ def evaluate_dataset(
         "dataset": name, "model_fingerprint": ...}`.
     """
     settings = settings or EvaluationSettings()
-    metric_names = parse_metrics(list(metric_names))
+    metric_names = parse_metrics(metric_names)
     config = model.config
     settings.check(len(config.n_pro))
     check_labels(model, data)
@@ -213,7 +213,7 @@ def evaluate_dataset(
 def evaluate_interpretability(
     model,
     data_dir: str,
-    metric_names: Sequence[str] = METRICS,
+    metric_names: str | Sequence[str] = METRICS,
     settings: Optional[EvaluationSettings] = None,
     device: str | torch.device | None = None,
     cache_dir: Optional[str] = None,
@@ -222,7 +222,7 @@ def evaluate_interpretability(
     """`evaluate_dataset` on the CUB-layout data in `data_dir` (folder or archive; `ivpt.evaluation.schema.from_cub`)."""
     from .schema import from_cub
 
-    names = parse_metrics(list(metric_names))
+    names = parse_metrics(metric_names)
     box_crops = keep_examples or bool({"consistency", "stability"} & set(names))
     return evaluate_dataset(model, from_cub(data_dir, cache_dir, box_crops=box_crops), names, settings, device,
                             keep_examples)
