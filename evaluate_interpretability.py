@@ -152,14 +152,19 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Runs the evaluation; returns the result dict. Bad input raises `EvaluationError` (or the data loaders'
     `DatasetSourceError` / `SchemaError` / `CubFormatError`) before any evaluation work."""
     args = parse_args(argv)
-    import torch
     from accelerate import PartialState
 
-    from ivpt.evaluation import check_labels, evaluate_dataset, report_rows, save_consistency_examples
+    from ivpt.evaluation import (
+        check_labels,
+        evaluate_dataset,
+        evaluation_device,
+        report_rows,
+        save_consistency_examples,
+    )
     from ivpt.report import markdown_table, write_atomic
 
+    device = evaluation_device(args.device)  # CPU launches shard too (a gloo group; see evaluation_device)
     state = PartialState()
-    device = torch.device(args.device) if args.device else state.device
     config = load_config(args.model_name_or_path, args.trust_remote_code, args.stage_index)
     want_consistency_figures = args.figures in ("all", "consistency")
     data, data_fingerprint = load_data(args, box_crops=want_consistency_figures

@@ -112,6 +112,18 @@ def check_labels(model, data: EvaluationData) -> None:
         )
 
 
+def evaluation_device(device: str | torch.device | None = None) -> torch.device:
+    """The device to evaluate on, after setting up this process's `accelerate` state.
+
+    The state is created with `cpu=True` when evaluating on the CPU: without it `accelerate` only forms a process
+    group for accelerators, and every process of a CPU launch would evaluate the whole split. With it, the processes
+    of `accelerate launch --multi_gpu --num_processes N` (gloo) shard the images on CPU as on GPU.
+    """
+    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    state = PartialState(cpu=cpu)
+    return torch.device(device) if device is not None else state.device
+
+
 def plan_metrics(metric_names: Sequence[str], data: EvaluationData) -> tuple[list[str], dict[str, str]]:
     """(metrics to run, {skipped metric: reason}) for the columns `data` provides."""
     run, skipped = [], {}
@@ -179,7 +191,7 @@ def evaluate_dataset(
     settings.check(len(config.n_pro))
     check_labels(model, data)
     data = data.limited(settings.max_images)
-    device = torch.device(device or PartialState().device)
+    device = evaluation_device(device)
     stage_index = config.interpretation_stage_index if settings.stage_index is None else settings.stage_index
     run, skipped = plan_metrics(metric_names, data)
     context = PassContext(model, settings, device, stage_index, config.num_labels, data.columns)
