@@ -243,3 +243,27 @@ def test_parquet_and_save_to_disk_folders_train_and_evaluate_like_the_builder(na
         results[source] = train_and_evaluate(splits, tmp_path / source, source)["metrics"]
     reference = train_and_evaluate(built, tmp_path / "built", "built")["metrics"]
     assert results["saved"] == reference and results["parquet"] == reference
+
+
+def test_docs_command_evaluates_partimagenet_ood_with_every_metric_and_figures(pin_dir, tmp_path):
+    """The command of docs/datasets.md, as a user runs it (tiny model, synthetic PartImageNet)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch.manual_seed(0)
+    IvptForImageClassification(tiny_config(num_labels=3)).save_pretrained(tmp_path / "pin_model")
+    out = tmp_path / "eval"
+    command = [sys.executable, str(Path(__file__).resolve().parents[1] / "evaluate_interpretability.py"),
+               "--model_name_or_path", str(tmp_path / "pin_model"), "--dataset_name", str(pin_dir),
+               "--dataset_config_name", "ood", "--metrics", "all", "--output_dir", str(out),
+               "--cache_dir", str(tmp_path / "cache"), "--device", "cpu", "--num_figure_images", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["skipped"] == {} and metrics["processes"]["parts"] == [1]
+    assert {"pixel_nmi", "pixel_ari", "kpr", "consistency", "foreground_iou"} <= set(metrics["metrics"])
+    report = (out / "report.md").read_text()
+    assert "pixel NMI % (part masks)" in report and "75.30" not in report  # no CUB paper numbers for PartImageNet
+    assert [p.name for p in (out / "figures" / "hierarchy").iterdir()] == ["hierarchy_0.png"]
