@@ -131,7 +131,20 @@ def load_model(name_or_path: str, config, trust_remote_code: bool = False):
 
 
 def load_data(args: argparse.Namespace, box_crops: bool):
-    """`EvaluationData` for `--data_dir` (CUB) or `--dataset_name`, plus the data fingerprint."""
+    """`EvaluationData` for `--data_dir` (CUB) or `--dataset_name`, plus the data fingerprint. A source that cannot be
+    found or read raises `EvaluationError` naming the argument; malformed official files raise the builders' errors
+    naming the file and line."""
+    from ivpt.data.loading import DatasetSourceError
+    from ivpt.evaluation import SchemaError
+
+    flag = "--data_dir" if args.data_dir is not None else "--dataset_name"
+    try:
+        return _load_data(args, box_crops)
+    except (FileNotFoundError, DatasetSourceError, SchemaError) as error:
+        raise EvaluationError(f"{flag}: {error}") from error
+
+
+def _load_data(args: argparse.Namespace, box_crops: bool):
     from ivpt.data.cub import resolve_sources, source_fingerprint
     from ivpt.data.loading import dataset_source_kind, load_any_dataset
     from ivpt.evaluation import from_cub, from_dataset_dict
@@ -205,11 +218,13 @@ def cli(argv: Optional[Sequence[str]] = None) -> int:
     """Command-line entry: bad input prints one line `evaluate_interpretability.py: error: ...` and returns 2."""
     from ivpt.data.cub import CubFormatError
     from ivpt.data.loading import DatasetSourceError
+    from ivpt.data.official import LayoutFormatError
     from ivpt.evaluation import SchemaError
 
     try:
         main(argv)
-    except (EvaluationError, SchemaError, DatasetSourceError, CubFormatError, FileNotFoundError) as error:
+    except (EvaluationError, SchemaError, DatasetSourceError, CubFormatError, LayoutFormatError,
+            FileNotFoundError) as error:
         print(f"evaluate_interpretability.py: error: {error}".splitlines()[0], file=sys.stderr)
         return 2
     return 0

@@ -90,6 +90,19 @@ def test_both_or_no_data_source(files):
                          "--output_dir", str(files / "out")])
 
 
+def test_bad_data_sources_name_the_argument(files):
+    base = ["--model_name_or_path", str(files / "ivpt4"), "--output_dir", str(files / "out"), "--metrics", "accuracy"]
+    with pytest.raises(EvaluationError, match="--dataset_name: .*no_such_folder: no such dataset folder"):
+        cli_module.main([*base, "--dataset_name", str(files / "no_such_folder")])
+    with pytest.raises(EvaluationError, match="--dataset_name: .*no split 'validation' to evaluate"):
+        cli_module.main([*base, "--dataset_name", str(files / "data"), "--test_split", "validation"])
+    with pytest.raises(EvaluationError, match="--dataset_name: .*no column 'img'"):
+        cli_module.main([*base, "--dataset_name", str(files / "data"), "--image_column", "img"])
+    with pytest.raises(EvaluationError, match="--data_dir: .*no CUB-200-2011 data found"):
+        cli_module.main([*base, "--data_dir", str(files)])
+    assert not (files / "out").exists()
+
+
 def test_cli_prints_one_line_and_exits_2(files, capsys):
     assert cli_module.cli(argv(files, "--batch_size", "0")) == 2
     err = capsys.readouterr().err

@@ -34,7 +34,8 @@ class SchemaError(ValueError):
 
 
 def present_columns(dataset: datasets.Dataset) -> frozenset[str]:
-    """Schema columns of `dataset` that hold at least one non-null value."""
+    """Schema columns of `dataset` that hold at least one non-null value (counted on its Arrow table, so on the
+    whole underlying table for a `select`ed dataset)."""
     present = set()
     for column in SCHEMA_COLUMNS:
         if column in dataset.column_names and dataset.data.column(column).null_count < len(dataset):
@@ -114,7 +115,9 @@ class EvaluationData:
         if not max_images:
             return self
         take = lambda ds: None if ds is None else ds.select(range(min(len(ds), max_images)))  # noqa: E731
-        return EvaluationData(take(self.test), take(self.train), take(self.box_crops), self.name, self.published)
+        limited = EvaluationData(take(self.test), take(self.train), take(self.box_crops), self.name, self.published)
+        limited.columns = self.columns  # the full split's columns: a selection's Arrow table is the full table
+        return limited
 
 
 def from_dataset_dict(
