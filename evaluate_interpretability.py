@@ -1,4 +1,4 @@
-"""Evaluate an IVPT checkpoint on a part-annotated dataset and write a report.
+r"""Evaluate an IVPT checkpoint on a part-annotated dataset and write a report.
 
     python evaluate_interpretability.py --model_name_or_path DIR_OR_HUB_ID --data_dir CUB_DIR \
         --metrics all --output_dir OUT [--batch_size 8 --device cpu --seed 0 --max_images N --figures all]
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ivpt.evaluation import METRICS, EvaluationError, EvaluationSettings, parse_metrics
+from ivpt.evaluation import REGISTRY, EvaluationError, EvaluationSettings, parse_metrics
 
 FIGURES = ("all", "consistency", "hierarchy", "none")
 
@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train_split", default="train", help="split the keypoint regression is fitted on")
     parser.add_argument("--image_column", default="image", help="image column of --dataset_name")
     parser.add_argument("--label_column", default="label", help="label column of --dataset_name")
-    parser.add_argument("--metrics", default="all", help=f"'all' or a comma list of {', '.join(METRICS)}")
+    parser.add_argument("--metrics", default="all", help="'all' or a comma list of: " + "; ".join(
+        f"{name} ({metric.description}, needs {', '.join(metric.columns)})" for name, metric in REGISTRY.items()))
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--batch_size", type=int, default=defaults.batch_size)
     parser.add_argument("--device", default=None, help="default: this process's accelerator device, else cpu")

@@ -227,15 +227,14 @@ class Pass:
     name: str
     preprocess: Callable[[PassContext, datasets.Dataset], Callable]
     outputs: type
-    description: str
 
 
 PASSES = {
     p.name: p
     for p in (
-        Pass("classification", _classification_preprocess, ClassificationOutputs, "full images, eval transform"),
-        Pass("box_crop", _box_crop_preprocess, BoxCropOutputs, "box crops warped to a square"),
-        Pass("parts", _parts_preprocess, PartsOutputs, "full images, short side + centre crop"),
+        Pass("classification", _classification_preprocess, ClassificationOutputs),
+        Pass("box_crop", _box_crop_preprocess, BoxCropOutputs),
+        Pass("parts", _parts_preprocess, PartsOutputs),
     )
 }
 

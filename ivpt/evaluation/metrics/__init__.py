@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable
 
-__all__ = ["EvaluationMetric", "REGISTRY", "metric_names"]
+__all__ = ["EvaluationMetric", "REGISTRY"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class EvaluationMetric:
             when `fit_on_train`, else None.
         fit_on_train: also run `collect` over the train split (the metric is skipped when there is none).
         report_rows: `(result key, label, better)` rows of the Markdown report.
+        description: one line for `--help`.
     """
 
     name: str
@@ -51,7 +52,3 @@ for _module in _MODULES:
     _metric = importlib.import_module(f".{_module}", __name__).METRIC
     REGISTRY[_metric.name] = _metric
 
-
-def metric_names(pass_name: Optional[str] = None) -> tuple[str, ...]:
-    """Registered metric names (of one pass), in registry order."""
-    return tuple(n for n, m in REGISTRY.items() if pass_name is None or m.pass_name == pass_name)
