@@ -18,7 +18,7 @@ from .metrics import REGISTRY
 from .passes import PASSES, PassContext, gather_records, iterate
 from .schema import EvaluationData, label_names
 
-METRICS = tuple(REGISTRY)
+METRICS = tuple(REGISTRY)  # the built-in metrics (parse_metrics reads the registry itself, extensions included)
 
 
 class EvaluationError(ValueError):
@@ -61,10 +61,10 @@ def parse_metrics(text: str | Sequence[str]) -> list[str]:
     """`"all"` or a comma list of registered metric names -> list, with a clear error for unknown names."""
     names = [n.strip() for n in (text.split(",") if isinstance(text, str) else text) if n.strip()]
     if names == ["all"]:
-        return list(METRICS)
-    unknown = [n for n in names if n not in METRICS]
+        return list(REGISTRY)
+    unknown = [n for n in names if n not in REGISTRY]
     if unknown or not names:
-        raise EvaluationError(f"--metrics: expected 'all' or a comma list of {', '.join(METRICS)}, got {text!r}")
+        raise EvaluationError(f"--metrics: expected 'all' or a comma list of {', '.join(REGISTRY)}, got {text!r}")
     return names
 
 
@@ -170,7 +170,7 @@ def _run_pass(pass_name: str, names: list[str], context: PassContext, split, des
 def evaluate_dataset(
     model,
     data: EvaluationData,
-    metric_names: str | Sequence[str] = METRICS,
+    metric_names: str | Sequence[str] = "all",
     settings: Optional[EvaluationSettings] = None,
     device: str | torch.device | None = None,
     keep_examples: bool = False,
@@ -225,7 +225,7 @@ def evaluate_dataset(
 def evaluate_interpretability(
     model,
     data_dir: str,
-    metric_names: str | Sequence[str] = METRICS,
+    metric_names: str | Sequence[str] = "all",
     settings: Optional[EvaluationSettings] = None,
     device: str | torch.device | None = None,
     cache_dir: Optional[str] = None,
@@ -240,9 +240,10 @@ def evaluate_interpretability(
                             keep_examples)
 
 
-def report_rows(metric_names: Sequence[str] = METRICS) -> tuple:
+def report_rows(metric_names: Sequence[str] = "all") -> tuple:
     """The Markdown report rows of the given metrics, in registry order."""
-    return tuple(row for name in REGISTRY if name in metric_names for row in REGISTRY[name].report_rows)
+    names = parse_metrics(metric_names)
+    return tuple(row for name in REGISTRY if name in names for row in REGISTRY[name].report_rows)
 
 
 def chance_levels(num_classes: int) -> dict:
