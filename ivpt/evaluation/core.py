@@ -202,7 +202,7 @@ def evaluate_dataset(
     try:
         for pass_name in PASSES:
             names = [n for n in run if REGISTRY[n].pass_name == pass_name]
-            want_examples = keep_examples and pass_name == "box_crop"
+            want_examples = keep_examples and pass_name == "box_crop" and {"bbox", "keypoints"} <= data.columns
             if not names and not want_examples:
                 continue
             split = data.box_crops if pass_name == "box_crop" and data.box_crops is not None else data.test
