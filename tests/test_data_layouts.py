@@ -216,11 +216,12 @@ def train_and_evaluate(splits: datasets.DatasetDict, tmp_path, source: str) -> d
                             device="cpu")
 
 
-@pytest.mark.parametrize("layout", ["nabirds", "flowers102", "partimagenet"])
-def test_each_layout_trains_and_feeds_every_applicable_metric(layout, nabirds_dir, flowers_dir, pin_dir, cache,
-                                                               tmp_path):
+@pytest.mark.parametrize("layout, config", [("nabirds", None), ("flowers102", None), ("partimagenet", None),
+                                            ("partimagenet", "ood")])
+def test_each_layout_and_config_trains_and_feeds_every_applicable_metric(layout, config, nabirds_dir, flowers_dir,
+                                                                          pin_dir, cache, tmp_path):
     folder = {"nabirds": nabirds_dir, "flowers102": flowers_dir, "partimagenet": pin_dir}[layout]
-    splits = load_any_dataset(folder, cache_dir=cache)
+    splits = load_any_dataset(folder, config, cache_dir=cache)
     result = train_and_evaluate(splits, tmp_path, layout)
     present, skipped = EXPECTED[layout]
     flat = {k for k, v in result["metrics"].items() if not k.endswith("num_images")} | set(result["metrics"])
