@@ -322,4 +322,5 @@ if __name__ == "__main__":  # python tests/test_app.py OUT.png: the README scree
         print("no demo_output/ivpt here: screenshot of a tiny untrained model")
         with tempfile.TemporaryDirectory() as temp:
             result = screenshot_app(target, Path(temp))
+    Image.open(target).convert("RGB").save(target, optimize=True)
     print(f"{target}: prediction {result['prediction']}")
