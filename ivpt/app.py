@@ -179,7 +179,7 @@ def build_app(model, processor, model_name: str, examples: Sequence[Path] = (), 
                                  height=320, elem_id="input-image")
                 if examples:
                     gr.Examples([[str(p)] for p in examples], inputs=image, label="Examples",
-                                examples_per_page=len(examples))
+                                examples_per_page=len(examples), elem_id="examples")
             with gr.Column(scale=1):
                 prediction = gr.Label(num_top_classes=TOP_CLASSES, label="Prediction", elem_id="prediction")
                 part_scores = gr.Dataframe(headers=["part", "score for the predicted class"],

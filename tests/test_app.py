@@ -99,36 +99,66 @@ def full_page_png(browser) -> bytes:
     return base64.b64decode(shot["data"])
 
 
-def explain_in_browser(browser, url: str, image: Path, screenshot: Path, timeout: float = 60.0) -> dict:
-    """Open the app, upload `image`, wait until every output is drawn, save a full-page screenshot; returns what the
-    page shows."""
+def page_outputs(browser) -> dict:
+    """What the app's output components show now."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    def count(selector: str) -> int:
-        return len(browser.find_elements(By.CSS_SELECTOR, selector))
+    def texts(selector: str) -> list[str]:
+        return [element.text for element in browser.find_elements(By.CSS_SELECTOR, selector)]
 
-    browser.get(url)
-    wait = WebDriverWait(browser, timeout)
-    wait.until(lambda _: count("#input-image input[type=file]"))
-    browser.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(image))
-    wait.until(lambda _: count("#hierarchy img") and count("#stage-maps img") and count("#part-scores .virtual-row"))
-    wait.until(lambda _: all(img.get_attribute("complete") and int(img.get_attribute("naturalWidth") or 0) > 0
-                             for img in browser.find_elements(By.CSS_SELECTOR, "#stage-maps img, #hierarchy img")))
-    stage_captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#stage-maps .caption-label")]
-    screenshot.parent.mkdir(parents=True, exist_ok=True)
-    screenshot.write_bytes(full_page_png(browser))
     return {
         "prediction": browser.find_element(By.CSS_SELECTOR, "#prediction h2").text,
         "label_text": browser.find_element(By.ID, "prediction").text,
         "part_rows": [[cell.text for cell in row.find_elements(By.CSS_SELECTOR, "[role=gridcell]")]
                       for row in browser.find_elements(By.CSS_SELECTOR, "#part-scores .virtual-row")],
-        "num_stage_maps": count("#stage-maps img"),
-        "stage_captions": stage_captions,
+        "stage_captions": texts("#stage-maps .caption-label"),
+        "num_stage_maps": len(browser.find_elements(By.CSS_SELECTOR, "#stage-maps img")),
         "hierarchy_size": browser.execute_script(
             "const img = document.querySelector('#hierarchy img'); return [img.naturalWidth, img.naturalHeight]"),
-        "resources": browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)"),
     }
+
+
+def wait_for_result(browser, previous_hierarchy: str | None, timeout: float) -> str:
+    """Wait until the hierarchy figure differs from `previous_hierarchy` (its src) and every output image is drawn;
+    returns the new src."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def hierarchy_src():
+        images = browser.find_elements(By.CSS_SELECTOR, "#hierarchy img")
+        return images[0].get_attribute("src") if images else None
+
+    def drawn(_) -> bool:
+        images = browser.find_elements(By.CSS_SELECTOR, "#stage-maps img, #hierarchy img")
+        return (hierarchy_src() not in (None, previous_hierarchy) and len(images) > 1
+                and browser.find_elements(By.CSS_SELECTOR, "#part-scores .virtual-row")
+                and all(img.get_attribute("complete") and int(img.get_attribute("naturalWidth") or 0) for img in images))
+
+    WebDriverWait(browser, timeout).until(drawn)
+    return hierarchy_src()
+
+
+def explain_in_browser(browser, url: str, image: Path, screenshot: Path, example: int | None = None,
+                       timeout: float = 60.0) -> dict:
+    """Open the app, upload `image`, wait until every output is drawn and save a full-page screenshot; then, when
+    `example` is given, click that example image and wait for its result. Returns what the page showed after the
+    upload (and under `"example"`, after the click), and every URL the page loaded (`"resources"`)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(url)
+    WebDriverWait(browser, timeout).until(lambda _: browser.find_elements(By.CSS_SELECTOR, "#input-image input"))
+    browser.find_element(By.CSS_SELECTOR, "#input-image input[type=file]").send_keys(str(image))
+    hierarchy = wait_for_result(browser, None, timeout)
+    shown = page_outputs(browser)
+    screenshot.parent.mkdir(parents=True, exist_ok=True)
+    screenshot.write_bytes(full_page_png(browser))
+    if example is not None:
+        browser.find_elements(By.CSS_SELECTOR, "#examples button.gallery-item")[example].click()
+        wait_for_result(browser, hierarchy, timeout)
+        shown["example"] = page_outputs(browser)
+    shown["resources"] = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    return shown
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -258,10 +288,11 @@ def test_default_examples_are_the_demo_test_images(birds, tmp_path, monkeypatch)
 # ------------------------------------------------------------------------------------------------------------------
 
 
-def screenshot_app(out: Path, workdir: Path) -> dict:
+def screenshot_app(out: Path, workdir: Path, example: int | None = None) -> dict:
     """Start the app in `workdir` on its `demo_output/` (after `make demo`) or, when there is none, on a tiny untrained
     checkpoint and synthetic birds written to `workdir/tiny` and `workdir/birds`; upload the first example image and
-    save a full-page screenshot to `out`. Returns what the page shows, with the `url`, `model` and `image` used."""
+    save a full-page screenshot to `out`; then click example `example` when given. Returns what the page showed (see
+    [`explain_in_browser`]), with the `url`, `model` and `examples` used."""
     from ivpt.app import DEFAULT_EXAMPLES, DEFAULT_MODEL, example_images
 
     if (workdir / DEFAULT_MODEL).is_dir() and (workdir / DEFAULT_EXAMPLES).is_dir():
@@ -277,13 +308,13 @@ def screenshot_app(out: Path, workdir: Path) -> dict:
     try:
         browser = headless_chromium()
         try:
-            shown = explain_in_browser(browser, url, examples[0], out)
+            shown = explain_in_browser(browser, url, examples[0], out, example)
         finally:
             browser.quit()
     finally:
         process.terminate()
         process.wait(timeout=30)
-    return {**shown, "url": url, "model": model, "image": examples[0]}
+    return {**shown, "url": url, "model": model, "examples": examples}
 
 
 def test_app_in_headless_chromium(tmp_path):
@@ -291,20 +322,22 @@ def test_app_in_headless_chromium(tmp_path):
     from ivpt.app import HIERARCHY_CELL_SIZE, load_checkpoint
 
     start = time.perf_counter()
-    shown = screenshot_app(tmp_path / "app.png", tmp_path)
+    shown = screenshot_app(tmp_path / "app.png", tmp_path, example=3)  # upload examples[0], then click examples[3]
     print(f"app started, driven and screenshotted in {time.perf_counter() - start:.1f} s")
 
     assert shown["model"] == tmp_path / "tiny"  # no demo_output/ in tmp_path
     model, processor = load_checkpoint(shown["model"])
-    expected = explain(model, processor, Image.open(shown["image"]))
-    assert shown["prediction"] == expected.label
-    assert f"{round(100 * expected.probability)}%" in shown["label_text"]
-    assert [row[0] for row in shown["part_rows"]] == [f"part {k}" for k in range(expected.num_parts)]
-    np.testing.assert_allclose([float(row[1]) for row in shown["part_rows"]], expected.part_scores, atol=1e-3)
-    assert shown["num_stage_maps"] == len(expected.stage_names) == len(model.config.n_pro)
-    assert shown["stage_captions"] == list(expected.stage_names)
-    figure = expected.plot(cell_size=HIERARCHY_CELL_SIZE)
-    assert shown["hierarchy_size"] == [int(v) for v in figure.get_size_inches() * figure.dpi]
+    for page, image in ((shown, shown["examples"][0]), (shown["example"], shown["examples"][3])):
+        expected = explain(model, processor, Image.open(image))
+        assert page["prediction"] == expected.label
+        assert f"{round(100 * expected.probability)}%" in page["label_text"]
+        assert [row[0] for row in page["part_rows"]] == [f"part {k}" for k in range(expected.num_parts)]
+        np.testing.assert_allclose([float(row[1]) for row in page["part_rows"]], expected.part_scores, atol=1e-3)
+        assert page["num_stage_maps"] == len(expected.stage_names) == len(model.config.n_pro)
+        assert page["stage_captions"] == list(expected.stage_names)
+        figure = expected.plot(cell_size=HIERARCHY_CELL_SIZE)
+        assert page["hierarchy_size"] == [int(v) for v in figure.get_size_inches() * figure.dpi]
+    assert shown["part_rows"] != shown["example"]["part_rows"]  # the second result replaced the first
     outside = [name for name in shown["resources"] if not name.startswith(shown["url"])]
     assert not outside, f"the page loaded resources from outside the app: {outside}"
     screenshot = Image.open(tmp_path / "app.png")
