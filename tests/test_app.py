@@ -1,9 +1,9 @@
 """The explanation app (`python -m ivpt.app`): its pieces in-process, and the whole app in a real headless Chromium.
 
 The browser test starts the app as a user does (a subprocess on 127.0.0.1, a free port) with a tiny randomly
-initialised checkpoint, uploads a synthetic bird through the page, waits for the result and checks the prediction,
-the part scores, the part maps of every stage and the hierarchy figure against `explain()` run in this process; it
-also checks that the page loaded nothing from outside localhost, and saves a screenshot. It needs Debian's `chromium`
+initialised checkpoint, uploads a synthetic bird through the page, waits for the result, saves a screenshot, then
+clicks an example image; both results (prediction, part scores, part maps of every stage, hierarchy figure) are checked
+against `explain()` run in this process, and no request of the page may leave the app. It needs Debian's `chromium`
 and `chromium-driver` (`make test` installs them) and selenium (the `test` extra).
 
 The README's screenshot comes from the same code, run from the folder holding `demo_output/` after `make demo`:
@@ -50,9 +50,9 @@ def start_app(args: list[str], cwd: Path, temp_dir: Path, timeout: float = 120.0
     port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
                HF_HUB_OFFLINE="1", GRADIO_TEMP_DIR=str(temp_dir))
-    log = open(temp_dir / "app.log", "w")
-    process = subprocess.Popen([sys.executable, "-m", "ivpt.app", *args, "--port", str(port)], cwd=cwd, env=env,
-                               stdout=log, stderr=subprocess.STDOUT)
+    with open(temp_dir / "app.log", "w") as log:  # the child keeps its own copy of the file descriptor
+        process = subprocess.Popen([sys.executable, "-m", "ivpt.app", *args, "--port", str(port)], cwd=cwd, env=env,
+                                   stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -81,11 +81,20 @@ def headless_chromium():
                     "(apt-get install chromium chromium-driver)")
     options = Options()
     options.binary_location = browser
+    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # DevTools events, for `requested_urls`
     for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1200",
                      # no name resolves except localhost: the page cannot reach anything outside this machine
                      "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
         options.add_argument(argument)
     return webdriver.Chrome(options=options, service=Service(executable_path=driver))
+
+
+def requested_urls(browser) -> list[str]:
+    """Every URL the page requested so far, failed requests included (DevTools `Network.requestWillBeSent`)."""
+    import json
+
+    events = (json.loads(entry["message"])["message"] for entry in browser.get_log("performance"))
+    return [event["params"]["request"]["url"] for event in events if event["method"] == "Network.requestWillBeSent"]
 
 
 def full_page_png(browser) -> bytes:
@@ -142,7 +151,7 @@ def explain_in_browser(browser, url: str, image: Path, screenshot: Path, example
                        timeout: float = 60.0) -> dict:
     """Open the app, upload `image`, wait until every output is drawn and save a full-page screenshot; then, when
     `example` is given, click that example image and wait for its result. Returns what the page showed after the
-    upload (and under `"example"`, after the click), and every URL the page loaded (`"resources"`)."""
+    upload (and under `"example"`, after the click), and every URL the page requested (`"requests"`)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -157,7 +166,7 @@ def explain_in_browser(browser, url: str, image: Path, screenshot: Path, example
         browser.find_elements(By.CSS_SELECTOR, "#examples button.gallery-item")[example].click()
         wait_for_result(browser, hierarchy, timeout)
         shown["example"] = page_outputs(browser)
-    shown["resources"] = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    shown["requests"] = requested_urls(browser)
     return shown
 
 
@@ -338,8 +347,9 @@ def test_app_in_headless_chromium(tmp_path):
         figure = expected.plot(cell_size=HIERARCHY_CELL_SIZE)
         assert page["hierarchy_size"] == [int(v) for v in figure.get_size_inches() * figure.dpi]
     assert shown["part_rows"] != shown["example"]["part_rows"]  # the second result replaced the first
-    outside = [name for name in shown["resources"] if not name.startswith(shown["url"])]
-    assert not outside, f"the page loaded resources from outside the app: {outside}"
+    assert any(url.endswith("/gradio_api/queue/join?") for url in shown["requests"])  # the log is complete
+    outside = [url for url in shown["requests"] if not url.startswith((shown["url"], "data:", "blob:"))]
+    assert not outside, f"the page requested resources from outside the app: {outside}"
     screenshot = Image.open(tmp_path / "app.png")
     assert screenshot.width >= 1000 and screenshot.height >= 1000
 
