@@ -139,9 +139,9 @@ def wait_for_result(browser, previous_hierarchy: str | None, timeout: float) -> 
 
     def drawn(_) -> bool:
         images = browser.find_elements(By.CSS_SELECTOR, "#stage-maps img, #hierarchy img")
-        return (hierarchy_src() not in (None, previous_hierarchy) and len(images) > 1
-                and browser.find_elements(By.CSS_SELECTOR, "#part-scores .virtual-row")
-                and all(img.get_attribute("complete") and int(img.get_attribute("naturalWidth") or 0) for img in images))
+        loaded = all(img.get_attribute("complete") and int(img.get_attribute("naturalWidth") or 0) for img in images)
+        return bool(hierarchy_src() not in (None, previous_hierarchy) and len(images) > 1 and loaded
+                    and browser.find_elements(By.CSS_SELECTOR, "#part-scores .virtual-row"))
 
     WebDriverWait(browser, timeout).until(drawn)
     return hierarchy_src()
