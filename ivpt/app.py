@@ -41,6 +41,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 OVERLAY_SIZE = 256  # pixels per side of each stage's part map
 HIERARCHY_CELL_SIZE = 160  # pixels per cell of the hierarchy figure
 TOP_CLASSES = 5
+# Class names of any length fit the prediction box (Gradio draws the top class in a large heading).
+CSS = "#prediction h2 { font-size: var(--text-xl); overflow-wrap: anywhere; }"
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -221,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     app = build_app(model, processor, args.model, examples)
     print(f"IVPT explanation app: {args.model} on http://{args.host}:{args.port}", flush=True)
     app.queue().launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False,
-                       footer_links=[], show_error=True)
+                       footer_links=[], show_error=True, css=CSS)
 
 
 if __name__ == "__main__":

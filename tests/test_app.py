@@ -19,6 +19,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 
@@ -312,17 +313,17 @@ def screenshot_app(out: Path, workdir: Path, example: int | None = None) -> dict
         model = tiny_checkpoint(workdir / "tiny")
         birds = generate_cub(workdir / "birds", classes=NUM_CLASSES, images_per_class=4, size=96)
         args, examples = ["--model", "tiny", "--examples", "birds/CUB_200_2011"], example_images(birds)
-    (workdir / "gradio").mkdir(exist_ok=True)
-    process, url = start_app(args, cwd=workdir, temp_dir=workdir / "gradio")
-    try:
-        browser = headless_chromium()
+    with tempfile.TemporaryDirectory() as temp_dir:  # the app's log and Gradio's file cache
+        process, url = start_app(args, cwd=workdir, temp_dir=Path(temp_dir))
         try:
-            shown = explain_in_browser(browser, url, examples[0], out, example)
+            browser = headless_chromium()
+            try:
+                shown = explain_in_browser(browser, url, examples[0], out, example)
+            finally:
+                browser.quit()
         finally:
-            browser.quit()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+            process.terminate()
+            process.wait(timeout=30)
     return {**shown, "url": url, "model": model, "examples": examples}
 
 
@@ -355,8 +356,6 @@ def test_app_in_headless_chromium(tmp_path):
 
 
 if __name__ == "__main__":  # python tests/test_app.py OUT.png: the README screenshot (see the module docstring)
-    import tempfile
-
     sys.path.insert(0, str(REPO))
     target = Path(sys.argv[1]).resolve()
     if (Path.cwd() / "demo_output" / "ivpt").is_dir():
