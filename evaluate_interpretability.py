@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ivpt.evaluation import REGISTRY, EvaluationError, EvaluationSettings, parse_metrics
+from ivpt.evaluation import REGISTRY, EvaluationError, EvaluationSettings, check_device, parse_metrics
 
 FIGURES = ("all", "consistency", "hierarchy", "none")
 
@@ -77,6 +77,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = build_parser().parse_args(argv)
     args.metrics = parse_metrics(args.metrics)
     settings(args).check()
+    if args.device is not None:
+        check_device(args.device)
     if args.num_figure_images < 1:
         raise EvaluationError(f"--num_figure_images: expected >= 1, got {args.num_figure_images}")
     output = Path(args.output_dir)
@@ -102,7 +104,11 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, stage_index:
     from transformers import AutoConfig, PretrainedConfig
 
     from ivpt import IvptConfig
+    from ivpt.modeling_ivpt import _looks_like_local_path
 
+    if not Path(name_or_path).exists() and _looks_like_local_path(name_or_path):
+        raise EvaluationError(f"--model_name_or_path: cannot read a model config from {name_or_path!r}: "
+                              "no such directory")
     try:
         config_dict, _ = PretrainedConfig.get_config_dict(name_or_path)
     except (OSError, ValueError) as error:
@@ -112,7 +118,8 @@ def load_config(name_or_path: str, trust_remote_code: bool = False, stage_index:
     if model_type != IvptConfig.model_type:
         if not trust_remote_code:
             raise EvaluationError(f"--model_name_or_path: {name_or_path!r} is a {model_type!r} model, not an IVPT "
-                                  "checkpoint; pass --trust_remote_code to load it through its own code")
+                                  "checkpoint; pass --trust_remote_code to load it through its own code (its "
+                                  f"config.json has model_type {model_type!r}, not {IvptConfig.model_type!r})")
         return AutoConfig.from_pretrained(name_or_path, trust_remote_code=True)
     config = IvptConfig.from_pretrained(name_or_path)
     EvaluationSettings(stage_index=stage_index).check(len(config.n_pro))

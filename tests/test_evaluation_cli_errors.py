@@ -63,11 +63,16 @@ CASES = [
     (("--stage_index", "-4"), {}, "--stage_index"),
     (("--num_figure_images", "0"), {}, "--num_figure_images"),
     (("--mask_threshold", "1.5"), {}, "--mask_threshold"),
+    (("--half_size", "-1"), {}, "--half_size: expected >= 0, got -1"),
+    (("--device", "tpu9"), {}, "--device: 'tpu9' is not a torch device"),
+    (("--device", "cuda:7"), {}, "--device: 'cuda:7'"),
     (("--metrics", "accuracy,bogus"), {}, "--metrics: expected 'all' or a comma list"),
     (("--batch_size", "two"), {}, "--batch_size: invalid int value"),
     ((), {"out": "a_file"}, "--output_dir: .*a_file exists and is not a directory"),
-    ((), {"model": "missing_model"}, "--model_name_or_path: cannot read a model config"),
-    ((), {"model": "vit"}, "'vit' model, not an IVPT checkpoint; pass --trust_remote_code"),
+    ((), {"model": "missing_model"}, "--model_name_or_path: cannot read a model config from .*missing_model': no such "
+                                     "directory$"),
+    ((), {"model": "vit"}, "'vit' model, not an IVPT checkpoint; pass --trust_remote_code .*model_type 'vit', not "
+                           "'ivpt'"),
     ((), {"model": "ivpt7"}, "the dataset has 4 classes, the model 7"),
     ((), {"model": "ivpt_shuffled"}, "class names are in another order than the dataset's .*index 0: model 'bee'"),
 ]
@@ -115,6 +120,7 @@ def test_cli_prints_one_line_and_exits_2(files, capsys):
 def test_good_input_runs_and_trust_remote_code_defaults_off(files, tmp_path):
     args = cli_module.parse_args(argv(files))
     assert args.trust_remote_code is False
+    assert cli_module.parse_args(argv(files, "--half_size", "0")).half_size == 0  # a region of the peak pixel alone
     result = cli_module.main(argv(files, out=str(tmp_path / "ok")))
     assert result["metrics"]["accuracy"]["num_images"] == 4
     assert result["skipped"] == {}  # only accuracy requested

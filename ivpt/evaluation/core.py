@@ -34,7 +34,7 @@ class EvaluationSettings:
     seed: int = 0  # stability noise: image i uses torch.Generator().manual_seed(seed + image_id)
     max_images: Optional[int] = None  # first N images of each split (quick runs)
     canvas: int = 224
-    half_size: int = 36
+    half_size: int = 36  # consistency regions: rows and columns peak ± half_size, inclusive (0: the peak alone)
     part_threshold: float = 0.8
     noise_std: float = 0.2
     noise_clip: float = 0.25
@@ -119,9 +119,28 @@ def evaluation_device(device: str | torch.device | None = None) -> torch.device:
     group for accelerators, and every process of a CPU launch would evaluate the whole split. With it, the processes
     of `accelerate launch --multi_gpu --num_processes N` (gloo) shard the images on CPU as on GPU.
     """
-    cpu = (device is not None and torch.device(device).type == "cpu") or not torch.cuda.is_available()
+    if device is not None:
+        device = check_device(device)
+    cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
     state = PartialState(cpu=cpu)
-    return torch.device(device) if device is not None else state.device
+    return device if device is not None else state.device
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """`device` as a `torch.device`; `EvaluationError` naming `--device` for a string torch does not know or an
+    accelerator this machine does not have."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise EvaluationError(f"--device: {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', 'mps', ...)") \
+            from error
+    backend = getattr(torch, parsed.type, None)
+    if parsed.type != "cpu" and not (backend is not None and hasattr(backend, "is_available")
+                                     and backend.is_available()):
+        raise EvaluationError(f"--device: {device!r}: no {parsed.type} device is available on this machine")
+    if parsed.type == "cuda" and parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise EvaluationError(f"--device: {device!r}: this machine has {torch.cuda.device_count()} cuda device(s)")
+    return parsed
 
 
 def plan_metrics(metric_names: Sequence[str], data: EvaluationData) -> tuple[list[str], dict[str, str]]:
