@@ -210,16 +210,18 @@ class ImpossibleRatioError(RuntimeError):
     """A measured ratio that cannot be true (a superset of work timed faster than its subset)."""
 
 
-def require_not_faster(label: str, ratio: float, result: TimingResult | None = None) -> float:
-    """Fails the run when `ratio` (IVPT / its own backbone, by construction >= 1) is below 1; returns it otherwise."""
+def require_not_faster(label: str, ratio: float, details: str = "") -> float:
+    """Fails the run when `ratio` (IVPT / its own backbone, by construction >= 1) is below 1; returns it otherwise.
+    `details` (e.g. `TimingResult.summary()`) goes into the message."""
+    details = f" ({details})" if details else ""
     if ratio != ratio:
-        raise ImpossibleRatioError(f"{label}: no clean repetitions to form the ratio ({result.summary() if result else ''})")
+        raise ImpossibleRatioError(f"{label}: no clean repetitions to form the ratio{details}. Every repetition was "
+                                   f"disturbed by other processes: re-run on a quiet machine.")
     if ratio < 1.0:
-        counts = f" ({result.summary()})" if result else ""
         raise ImpossibleRatioError(
             f"{label} = {ratio:.3f} < 1: IVPT runs its whole backbone plus the prototype heads, so it cannot take "
             f"less time than that backbone alone. The measurement is noise (another process used the CPU in a way the "
-            f"/proc/stat check did not catch, or too few clean repetitions){counts}. Re-run on a quiet machine or "
+            f"/proc/stat check did not catch, or too few clean repetitions){details}. Re-run on a quiet machine or "
             f"with more rounds; the run fails rather than publish this number."
         )
     return ratio
