@@ -68,7 +68,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
     model = make_model()
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([1, 2])
     plain_loss, plain_grads = training_step(model, images, labels)
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     assert model.ivpt.gradient_checkpointing
     calls = []
     checkpoint = model.ivpt._gradient_checkpointing_func
