@@ -112,9 +112,10 @@ def child(kind: str, *args) -> dict | float:
 
 
 def measure(name: str, batch: int, max_rounds: int, max_seconds: float, memory: bool = True,
-            flops: dict | None = None) -> dict:
-    """Timings (one process), peak memory of the training modes (a fresh process each), ratios and goal checks."""
-    config_json = json.dumps(CONFIGS[name])
+            flops: dict | None = None, config_kwargs: dict | None = None) -> dict:
+    """Timings (one process), peak memory of the training modes (a fresh process each), ratios and goal checks.
+    `name` labels the row and picks the config from `CONFIGS` unless `config_kwargs` are given."""
+    config_json = json.dumps(CONFIGS[name] if config_kwargs is None else config_kwargs)
     times = child("timing", config_json, batch, max_rounds, max_seconds)
     best = {mode: times["modes"][mode]["min_s"] for mode in MODES}
     ratios = {
