@@ -6,7 +6,8 @@ per test image, against the minimum its protocols need.
 Counting, not timing (so it is exact on any machine): a forward hook on the backbone's patch embedding sees every pass
 and its batch; a tiny model on a generated CUB folder (3 test, 6 train images) is enough. Each pass's input is kept, so
 passes fed equal inputs are found by comparing them: those could share one backbone pass (passes whose inputs differ
-only by ImageNet normalisation share the decoding, resizing and cropping, not the pass). Variants: the published protocol (parts metrics on unnormalised inputs),
+only by ImageNet normalisation share the decoding, resizing and cropping, not the pass). Variants: the published
+protocol (parts metrics on unnormalised inputs),
 `normalise_parts_input` (parts metrics on normalised inputs, as the demo reports), and `keep_examples` (the demo's
 consistency figures).
 """
@@ -91,7 +92,8 @@ def main():
     # 3 classes x 3 images: 3 test and 6 train images, so a pass's batch size tells its split (batch_size > images)
     root = generate_cub(work / "cub", classes=3, images_per_class=3, size=96, seed=0)
     test_images = 3
-    results = {name: count(root, work / "cache", kwargs, keep, test_images) for name, (kwargs, keep) in VARIANTS.items()}
+    results = {name: count(root, work / "cache", kwargs, keep, test_images)
+               for name, (kwargs, keep) in VARIANTS.items()}
     order = "accuracy, consistency, stability, parts (NMI/ARI, KPR test side, fg IoU)"
     lines = ["| variant | backbone passes per test image | per train image (KPR fit) | distinct model inputs per "
              "test image (the minimum) | passes with equal inputs (could share one pass) | same image, other "

@@ -79,7 +79,8 @@ def build(config_kwargs: dict, batch: int, threads: int = 2):
 
 def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: float) -> dict:
     _, modes = build(config_kwargs, batch)
-    result = timing.time_modes(modes, max_rounds=max_rounds, max_seconds=max_seconds,
+    result = timing.time_modes(modes, min_rounds=min(3, max_rounds), max_rounds=max_rounds,
+                               max_seconds=max_seconds,
                                log=lambda line: print(line, file=sys.stderr, flush=True))
     return {**result.to_json(), "summary": result.summary()}
 

@@ -81,7 +81,8 @@ def train_step_fn(model, images, labels, autocast: bool = False):
 
 
 def timed(modes: dict, args) -> timing.TimingResult:
-    return timing.time_modes(modes, max_rounds=args.max_rounds, max_seconds=args.max_seconds,
+    return timing.time_modes(modes, min_rounds=min(3, args.max_rounds), max_rounds=args.max_rounds,
+                             max_seconds=args.max_seconds,
                              log=lambda line: print(line, file=sys.stderr, flush=True))
 
 
@@ -156,8 +157,9 @@ def section_bf16(args) -> dict:
                     "bf16 train step (batch 1)": train_step_fn(model, images1, labels1, autocast=True)}, args)
     rows = [row(result, name, 8 if "batch 8" in name else 1) for name in result.modes]
     return {"rows": rows, "summary": result.summary(),
-            "speedup": {"inference": result["fp32 inference (batch 8)"].min / result["bf16 inference (batch 8)"].min,
-                        "train_step": result["fp32 train step (batch 1)"].min / result["bf16 train step (batch 1)"].min},
+            "speedup": {
+                "inference": result["fp32 inference (batch 8)"].min / result["bf16 inference (batch 8)"].min,
+                "train_step": result["fp32 train step (batch 1)"].min / result["bf16 train step (batch 1)"].min},
             "demo_agreement": demo_agreement(Path(args.demo_dir)) if args.demo_dir else None}
 
 
@@ -221,7 +223,8 @@ def markdown(results: dict, tiny: bool) -> str:
     lines = []
     if "compile" in results:
         r = results["compile"]
-        lines += [f"torch.compile (inductor), {model} at {SIZES['small'][tiny]} px, batch 1:", "", *table(r["rows"]), "",
+        lines += [f"torch.compile (inductor), {model} at {SIZES['small'][tiny]} px, batch 1:", "",
+                  *table(r["rows"]), "",
                   f"Speed-up: inference {r['speedup']['inference']:.2f}x, training step "
                   f"{r['speedup']['train_step']:.2f}x; compile time (first call) inference "
                   f"{r['compile_s']['inference']:.0f} s, training step {r['compile_s']['train_step']:.0f} s; "

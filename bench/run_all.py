@@ -1,16 +1,18 @@
 """Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 25 minutes on 2 idle cores).
 
-    python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer] [--gpu_json gpu_bench.json]
+    python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer]
+                            [--gpu_json gpu_bench.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections (expected minutes on an idle 2-core machine): model cost and goals (bench_model.py, ~12), speed features
-(bench_speed.py, ~6), profile of the extra time (profile_model.py, ~1), scaling (bench_scaling.py, ~3), evaluation backbone passes (bench_eval_passes.py, <1),
-evaluation throughput (bench_eval.py, ~2), data (bench_data.py, <1), trainer overhead (bench_trainer.py, ~2); the
-demo's report (when `make demo` has run) and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep
-their previous text; BENCHMARKS.md is rewritten after every section, so a failed section (e.g. an impossible ratio on
-a busy machine) keeps its previous text and the run goes on with the next, then exits non-zero. Each section records
-its command; the header records machine, date and versions. Run it when nothing else uses the CPU: timings disturbed
-by other processes are flagged and excluded (bench/timing.py), so a busy machine gives fewer clean repetitions.
+Sections (expected minutes on an idle 2-core machine): model cost and goals (bench_model.py, ~12), profile of the
+extra time (profile_model.py, ~1), speed features (bench_speed.py, ~6), scaling (bench_scaling.py, ~3), evaluation
+backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, <1),
+trainer overhead (bench_trainer.py, ~2); the demo's report (when `make demo` has run) and the GPU figures of
+bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every
+section, so a failed section (e.g. an impossible ratio on a busy machine) keeps its previous text and the run goes
+on with the next, then exits non-zero. Each section records its command; the header records machine, date and
+versions. Run it when nothing else uses the CPU: timings disturbed by other processes are flagged and excluded
+(bench/timing.py), so a busy machine gives fewer clean repetitions.
 """
 
 import argparse

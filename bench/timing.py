@@ -168,10 +168,12 @@ def time_modes(
     warmup: bool = True,
     seed: int = 0,
     monitor: ProcStatMonitor | None = None,
+    before_each: Callable[[], object] = gc.collect,
     log: Callable[[str], None] | None = None,
 ) -> TimingResult:
     """Times every mode with the method of this module; returns per-mode repetitions, the rounds run and why it
-    stopped. `max_seconds` caps the wall time spent in rounds (a round already begun is finished)."""
+    stopped. `max_seconds` caps the wall time spent in rounds (a round already begun is finished); `before_each` runs
+    untimed before every repetition (default: a garbage collection, so none falls inside a timing)."""
     if min_rounds < 1 or max_rounds < min_rounds:
         raise ValueError(f"need 1 <= min_rounds ({min_rounds}) <= max_rounds ({max_rounds})")
     monitor = monitor or ProcStatMonitor()
@@ -188,7 +190,7 @@ def time_modes(
     rounds = 0
     for rounds in range(1, max_rounds + 1):
         for name in random.Random(seed * 1000 + rounds).sample(list(modes), len(modes)):
-            gc.collect()
+            before_each()
             timings[name].repetitions.append(monitor.run(modes[name]))
         history.append({name: timing.min for name, timing in timings.items()})
         if log:

@@ -62,7 +62,7 @@ def test_flagged_repetitions_are_excluded_and_counted():
         (machine.work(3.0, foreign=1.0) if calls["a"] % 2 == 0 else machine.work(1.0))()
 
     result = timing.time_modes({"a": mode_a, "b": machine.work(2.0)}, min_rounds=4, max_rounds=4,
-                               monitor=machine.monitor(), warmup=False)
+                               monitor=machine.monitor(), before_each=lambda: None, warmup=False)
     assert result.rounds == 4
     assert result["a"].flagged == 2 and result["a"].clean == [1.0, 1.0] and result["a"].counts() == "2/2"
     assert result["a"].min == 1.0 and result["a"].median == 1.0  # the 3 s runs are not in any statistic
@@ -81,7 +81,7 @@ def test_stopping_rule_waits_for_a_stable_min():
 def test_time_modes_stops_when_stable_and_at_the_cap():
     machine = FakeMachine()
     steady = timing.time_modes({"a": machine.work(1.0), "b": machine.work(2.0)}, min_rounds=3, max_rounds=10,
-                               monitor=machine.monitor(), warmup=False)
+                               monitor=machine.monitor(), before_each=lambda: None, warmup=False)
     assert steady.rounds == 3 and steady.stop_reason == "min stable"
 
     durations = iter([5.0, 4.0, 3.0, 2.0, 1.0, 0.5])  # keeps improving by > 1 %: never stable
@@ -89,11 +89,12 @@ def test_time_modes_stops_when_stable_and_at_the_cap():
     def improving():
         machine.work(next(durations))()
 
-    capped = timing.time_modes({"a": improving}, min_rounds=2, max_rounds=5, monitor=machine.monitor(), warmup=False)
+    capped = timing.time_modes({"a": improving}, min_rounds=2, max_rounds=5, monitor=machine.monitor(),
+                               before_each=lambda: None, warmup=False)
     assert capped.rounds == 5 and "max_rounds (5)" in capped.stop_reason and capped["a"].min == 1.0
 
     always_flagged = timing.time_modes({"a": machine.work(1.0, foreign=1.0)}, min_rounds=2, max_rounds=3,
-                                       monitor=machine.monitor(), warmup=False)
+                                       monitor=machine.monitor(), before_each=lambda: None, warmup=False)
     assert always_flagged.rounds == 3 and always_flagged["a"].counts() == "0/3" and math.isnan(always_flagged["a"].min)
     with pytest.raises(ValueError, match="min_rounds"):
         timing.time_modes({"a": machine.work(1.0)}, min_rounds=4, max_rounds=2)
@@ -103,7 +104,10 @@ def test_modes_are_interleaved_in_shuffled_order_each_round():
     order = []
     machine = FakeMachine()
     modes = {name: (lambda name=name: (order.append(name), machine.work(1.0)())) for name in "abcd"}
-    timing.time_modes(modes, min_rounds=6, max_rounds=6, patience=100, monitor=machine.monitor(), warmup=False)
+    collections = []
+    timing.time_modes(modes, min_rounds=6, max_rounds=6, patience=100, monitor=machine.monitor(),
+                      before_each=lambda: collections.append(1), warmup=False)
+    assert len(collections) == 24  # the untimed hook (garbage collection by default) before every repetition
     rounds = [tuple(order[i:i + 4]) for i in range(0, 24, 4)]
     assert all(sorted(r) == list("abcd") for r in rounds)  # every mode once per round
     assert len(set(rounds)) > 1  # not the same order every round
