@@ -9,10 +9,11 @@ extra time (profile_model.py, ~1), speed features (bench_speed.py, ~6), scaling 
 backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, <1),
 trainer overhead (bench_trainer.py, ~2); the demo's report (when `make demo` has run) and the GPU figures of
 bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every
-section, so a failed section (e.g. an impossible ratio on a busy machine) keeps its previous text and the run goes
-on with the next, then exits non-zero. Each section records its command; the header records machine, date and
-versions. Run it when nothing else uses the CPU: timings disturbed by other processes are flagged and excluded
-(bench/timing.py), so a busy machine gives fewer clean repetitions.
+section; a section that fails (e.g. an impossible ratio on a busy machine) is written with its table and the
+reason when its script got that far, else keeps its previous text; the run goes on and exits non-zero at the end.
+Each section records its command; the header records machine, date and versions. Run it when nothing else uses
+the CPU: timings disturbed by other processes are flagged and excluded (bench/timing.py), so a busy machine gives
+fewer clean repetitions.
 """
 
 import argparse
@@ -59,11 +60,20 @@ def run_section(name: str) -> str:
         out = Path(tmp) / "result.json"
         full = [sys.executable, *command, "--json", str(out)]
         print(f"== {name}: {' '.join(full[1:])}", flush=True)
-        subprocess.run(full, cwd=ROOT, check=True)
+        completed = subprocess.run(full, cwd=ROOT)
+        if not out.exists():  # failed before writing anything: the caller keeps the previous text
+            raise subprocess.CalledProcessError(completed.returncode, full)
         result = json.loads(out.read_text())
         markdown = result.get("markdown") or "```json\n" + json.dumps(result, indent=2) + "\n```"
     date = datetime.date.today().isoformat()
-    return f"## {title}\n\nCommand: `python {' '.join(command)}` ({date}; {machine()})\n\n{markdown}\n"
+    text = f"## {title}\n\nCommand: `python {' '.join(command)}` ({date}; {machine()})\n\n{markdown}\n"
+    if completed.returncode != 0:  # e.g. an impossible ratio: the section shows the table and why it failed
+        raise SectionFailed(text)
+    return text
+
+
+class SectionFailed(RuntimeError):
+    """A benchmark exited non-zero after writing its results (which say why); `args[0]` is the section text."""
 
 
 def gpu_section(path: Path) -> str:
@@ -100,6 +110,10 @@ def main():
     for name in names:  # BENCHMARKS.md is rewritten after every section, so a failure keeps what was measured
         try:
             sections[name] = run_section(name)
+        except SectionFailed as failure:
+            failed.append(name)
+            sections[name] = failure.args[0]
+            print(f"== {name}: FAILED, written with the reason (see the error above)", flush=True)
         except subprocess.CalledProcessError:
             failed.append(name)
             print(f"== {name}: FAILED, previous text kept (see the error above)", flush=True)
