@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,3 +57,18 @@ def test_speed_benchmark_runs_on_the_tiny_model(tmp_path):
     assert set(results["checkpointing"]["peak_rss_growth_mib"]) == {"plain", "checkpointing"}
     markdown = json.loads(out.read_text())["markdown"]
     assert "clean/flagged" in markdown and "Batched inference, tiny test ViT at 64 px" in markdown
+
+
+def test_run_all_writes_a_failed_section_with_its_reason(tmp_path, monkeypatch):
+    """A benchmark that writes its table and exits non-zero (an impossible ratio) gets a section saying why."""
+    import run_all
+
+    script = tmp_path / "fails.py"
+    script.write_text("import json, sys\n"
+                      "json.dump({'markdown': '| a |\\n\\n**Run failed (sanity rule):** ratio 0.8 < 1'},"
+                      " open(sys.argv[sys.argv.index('--json') + 1], 'w'))\nsys.exit(1)\n")
+    monkeypatch.setitem(run_all.SECTIONS, "fake", ("Fake section", [str(script)]))
+    monkeypatch.setattr(run_all, "machine", lambda: "test machine")
+    with pytest.raises(run_all.SectionFailed) as failure:
+        run_all.run_section("fake")
+    assert failure.value.args[0].startswith("## Fake section") and "**Run failed (sanity rule):**" in failure.value.args[0]
