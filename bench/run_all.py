@@ -1,14 +1,16 @@
-"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 25 minutes on 2 idle cores).
+"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 30 minutes on 2 idle cores).
 
     python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer]
                             [--gpu_json gpu_bench.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections (expected minutes on an idle 2-core machine): model cost and goals (bench_model.py, ~12), profile of the
-extra time (profile_model.py, ~1), speed features (bench_speed.py, ~6), scaling (bench_scaling.py, ~3), evaluation
-backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, <1),
-trainer overhead (bench_trainer.py, ~2); the demo's report (when `make demo` has run) and the GPU figures of
-bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every
+Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~16,
+of which batch 8 ~12), profile of the extra time (profile_model.py, ~1), speed features (bench_speed.py, ~7, most of
+it inductor compiling), scaling (bench_scaling.py, ~3; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model
+section), evaluation backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data
+(bench_data.py, <1), trainer overhead (bench_trainer.py, ~2). Two halves of ~15 minutes each: `--only model` and
+`--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
+and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every
 section; a section that fails (e.g. an impossible ratio on a busy machine) is written with its table and the
 reason when its script got that far, else keeps its previous text; the run goes on and exits non-zero at the end.
 Each section records its command; the header records machine, date and versions. Run it when nothing else uses
@@ -29,14 +31,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
-    "model": ("Model cost vs the bare backbone, and the goals (CPU, 2 threads, fp32)", ["bench/bench_model.py"]),
+    "model": ("Model cost vs the bare backbone, and the goals (CPU, 2 threads, fp32)",
+              ["bench/bench_model.py", "--config", "full"]),
     "speed": ("Speed features: torch.compile, bf16, gradient checkpointing, batching (CPU)", ["bench/bench_speed.py"]),
     "profile": ("Where IVPT's time goes beyond its backbone (torch.profiler, CPU)", ["bench/profile_model.py"]),
-    "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py"]),
+    "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py", "--image_sizes", "392"]),
     "eval_passes": ("Evaluation cost in backbone passes", ["bench/bench_eval_passes.py"]),
-    "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py"]),
+    "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py", "--classes", "2"]),
     "data": ("Data preparation and transforms (CPU)", ["bench/bench_data.py"]),
-    "trainer": ("Trainer overhead vs a plain loop (CPU, tiny config)", ["bench/bench_trainer.py"]),
+    "trainer": ("Trainer overhead vs a plain loop (CPU, tiny config)", ["bench/bench_trainer.py", "--rounds", "3"]),
 }
 
 
