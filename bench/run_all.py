@@ -11,8 +11,9 @@ section), evaluation backbone passes (bench_eval_passes.py, <1), evaluation thro
 (bench_data.py, <1), trainer overhead (bench_trainer.py, ~2). Two halves of ~15 minutes each: `--only model` and
 `--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
 and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
-rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with its table and the
-reason when its script got that far, else keeps its previous text; the run goes on and exits non-zero at the end.
+rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with
+its table and the reason when its script got that far, else keeps its previous text; the run goes on and exits
+non-zero at the end.
 Each section records its command; the header records machine, date and versions. Run it when nothing else uses
 the CPU: timings disturbed by other processes are flagged and excluded (bench/timing.py), so a busy machine gives
 fewer clean repetitions.
