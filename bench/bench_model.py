@@ -227,7 +227,7 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "markdown": text}, indent=2))
     if failures:
-        sys.exit(f"{len(failures)} impossible ratio(s): the figures above are noise, see the explanation")
+        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
 
 
 if __name__ == "__main__":

@@ -61,10 +61,15 @@ def main():
         print(lines[-1], flush=True)
     any_result = next(iter(results["image_size"].values()), None) or next(iter(results["n_pro"].values()))
     lines += ["", "Times: min over clean repetitions. Method: `bench/timing.py`; " + any_result["timing"]["rule"] + "."]
+    failures = [failure for group in results.values() for result in group.values()
+                for failure in result.get("failures", [])]
+    lines += [f"**Run failed (sanity rule):** {failure}" for failure in failures]
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "markdown": markdown}, indent=2, default=str))
+    if failures:
+        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
 
 
 if __name__ == "__main__":

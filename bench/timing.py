@@ -12,6 +12,8 @@ The method, in full:
    `foreign > FLAG_ABSOLUTE_S + FLAG_FRACTION * wall seconds` (0.03 s + 2 % of one core over the repetition; the
    absolute part covers the 10 ms tick of both counters and the kernel's own housekeeping).
    Flagged repetitions are excluded from every statistic and counted; tables state `clean/flagged` counts.
+   Both counters tick every 10 ms, so repetitions much shorter than ~0.5 s are judged coarsely (a 20 ms repetition
+   cannot exceed the absolute allowance); the goal rows (ViT-B/14 at 518 px) take seconds per repetition.
 3. **Statistics**: min and median over the clean repetitions. Ratios use the min (the least disturbed run is the best
    estimate of the cost on an idle machine); the median is reported next to it.
 4. **Stopping rule**: after at least `min_rounds` rounds, stop as soon as every mode has >= `min_clean` clean
