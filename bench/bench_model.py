@@ -1,24 +1,28 @@
-"""Model cost on CPU: IVPT against the bare timm backbone in the same run (issue: core model).
+"""Model cost on CPU: IVPT against the bare timm backbone it contains, and the goals it must meet.
 
-    python bench/bench_model.py [--config full|tiny|both] [--repeats 3] [--json OUT]
+    python bench/bench_model.py [--config tiny,full] [--batch 1,8] [--max_rounds 8] [--max_seconds 300] [--json OUT]
 
-Torch threads = 2, fp32, batch 1, random weights. Timings: all modes in one process, one warm-up each, then
-`--repeats` rounds in a shuffled order (median reported), so machine load and drift affect every mode alike. Peak RSS
-growth: each mode in a fresh process (two steps after building the model). FLOPs: torch.utils.flop_counter, a
-noise-free measure of what the prototype machinery adds (matmuls, convolutions and attention are counted).
-Modes: bare backbone forward (no grad); bare forward + backward to the trainable input-side tensors (cls/reg/pos);
-IVPT inference forward (no grad); IVPT full training step (clean pass, warped pass, all losses, backward, Adam step).
+fp32, 2 torch threads, random weights. Modes: bare backbone forward (no grad); bare forward + backward to the trainable
+input-side tensors (cls/reg/pos); IVPT inference forward (no grad); IVPT full training step (clean pass, warped pass,
+all losses, backward, Adam step).
+
+Timings use bench/timing.py (interleaved rounds in one process, repetitions disturbed by other processes flagged and
+excluded, min over clean repetitions, rounds until the min is stable). Goals (ViT-B/14 reg4 at 518 px):
+inference <= 1.03x the bare forward; training step <= 1.05x (bare forward+backward + bare forward); training-step
+peak memory <= 1.10x the bare forward+backward. A time ratio below 1 fails the run (IVPT contains that backbone).
+Peak memory: each mode in a fresh process (peak RSS growth over one step, after the model is built).
+FLOPs: torch.utils.flop_counter at batch 1, a noise-free view of what the prototype machinery adds.
 """
 
 import argparse
 import json
-import platform
-import random
 import resource
-import statistics
 import subprocess
 import sys
-import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import timing  # noqa: E402
 
 CONFIGS = {
     "full": dict(image_size=518, num_labels=200),
@@ -28,143 +32,202 @@ CONFIGS = {
     ),
 }
 MODES = ("bare_forward", "bare_forward_backward", "ivpt_inference", "ivpt_train_step")
+MEMORY_MODES = ("bare_forward_backward", "ivpt_train_step")
+GOALS = {"inference": 1.03, "train": 1.05, "memory": 1.10}
 
 
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(config_json: str):
+def build(config_kwargs: dict, batch: int, threads: int = 2):
+    """The model and one callable per mode (see the module docstring)."""
     import torch
 
     from ivpt import IvptConfig, IvptForImageClassification
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     torch.manual_seed(0)
-    config = IvptConfig(**json.loads(config_json))
+    config = IvptConfig(**config_kwargs)
     model = IvptForImageClassification(config)
-    images = torch.randn(1, 3, config.image_size, config.image_size)
+    images = torch.randn(batch, 3, config.image_size, config.image_size)
+    labels = torch.arange(batch) % config.num_labels
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
     backbone = model.ivpt.backbone
 
-    def step(mode: str) -> None:
-        if mode == "bare_forward":
-            with torch.no_grad():
-                backbone.forward_features(images)
-        elif mode == "bare_forward_backward":
-            backbone.forward_features(images).float().mean().backward()
-        elif mode == "ivpt_inference":
-            model.eval()
-            with torch.no_grad():
-                model(images)
-        else:
-            model.train()
-            optimizer.zero_grad(set_to_none=True)
-            model(images, labels=torch.tensor([1])).loss.backward()
-            optimizer.step()
+    def bare_forward():
+        with torch.no_grad():
+            backbone.forward_features(images)
 
-    return step
+    def bare_forward_backward():
+        backbone.forward_features(images).mean().backward()
 
+    def ivpt_inference():
+        model.eval()
+        with torch.no_grad():
+            model(images)
 
-def run_timing(config_json: str, repeats: int) -> dict:
-    """All modes in one process, shuffled each round (so drift and load hit every mode alike); median seconds."""
-    step = build(config_json)
-    for mode in MODES:
-        step(mode)  # warm-up
-    times = {mode: [] for mode in MODES}
-    for round_index in range(repeats):  # a new mode order each round: no mode always follows the training step
-        for mode in random.Random(round_index).sample(MODES, len(MODES)):
-            start = time.perf_counter()
-            step(mode)
-            times[mode].append(time.perf_counter() - start)
-    return {mode: statistics.median(values) for mode, values in times.items()}
+    def ivpt_train_step():
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        model(images, labels=labels).loss.backward()
+        optimizer.step()
+
+    return model, {name: fn for name, fn in zip(MODES, (bare_forward, bare_forward_backward, ivpt_inference,
+                                                          ivpt_train_step))}
 
 
-def run_flops(config_json: str) -> dict:
-    """FLOPs of every mode (torch.utils.flop_counter): a noise-free view of what the prototype machinery adds."""
+def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: float) -> dict:
+    _, modes = build(config_kwargs, batch)
+    result = timing.time_modes(modes, min_rounds=min(3, max_rounds), max_rounds=max_rounds,
+                               max_seconds=max_seconds,
+                               log=lambda line: print(line, file=sys.stderr, flush=True))
+    return {**result.to_json(), "summary": result.summary()}
+
+
+def run_flops(config_kwargs: dict) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
-    step = build(config_json)
+    _, modes = build(config_kwargs, 1)
     flops = {}
-    for mode in MODES:
+    for name, function in modes.items():
         counter = FlopCounterMode(display=False)
         with counter:
-            step(mode)
-        flops[mode] = counter.get_total_flops()
+            function()
+        flops[name] = counter.get_total_flops()
     return flops
 
 
-def run_memory(config_json: str, mode: str) -> float:
-    """Peak RSS growth (MiB) of one mode in a fresh process: after building the model, two steps."""
-    step = build(config_json)
+def run_memory(config_kwargs: dict, batch: int, mode: str) -> float:
+    """Peak RSS growth (MiB) of one step of `mode`, in this (fresh) process, after the model is built."""
+    _, modes = build(config_kwargs, batch)
     before = peak_rss_mib()
-    step(mode)
-    step(mode)
+    modes[mode]()
     return peak_rss_mib() - before
 
 
-def child(*args) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, check=True)
+def child(kind: str, *args) -> dict | float:
+    command = [sys.executable, __file__, "--child", kind, *map(str, args)]
+    out = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def measure(config_kwargs: dict, repeats: int) -> dict:
-    """Timings of every mode (one process, shuffled rounds) and the peak RSS growth of each (one process each)."""
-    config_json = json.dumps(config_kwargs)
-    seconds = child("timing", config_json, str(repeats))
-    flops = child("flops", config_json, "-")
-    rows = {mode: {"seconds": seconds[mode], "gflops": flops[mode] / 1e9,
-                   "peak_rss_growth_mib": child("memory", config_json, mode)} for mode in MODES}
-    bare_train = rows["bare_forward_backward"]["seconds"] + rows["bare_forward"]["seconds"]
-    bare_train_flops = flops["bare_forward_backward"] + flops["bare_forward"]
-    return {
-        "rows": rows,
-        "inference_ratio": rows["ivpt_inference"]["seconds"] / rows["bare_forward"]["seconds"],
-        "train_ratio": rows["ivpt_train_step"]["seconds"] / bare_train,
-        "inference_flop_ratio": flops["ivpt_inference"] / flops["bare_forward"],
-        "train_flop_ratio": flops["ivpt_train_step"] / bare_train_flops,
+def measure(name: str, batch: int, max_rounds: int, max_seconds: float, memory: bool = True,
+            flops: dict | None = None, config_kwargs: dict | None = None) -> dict:
+    """Timings (one process), peak memory of the training modes (a fresh process each), ratios and goal checks.
+    `name` labels the row and picks the config from `CONFIGS` unless `config_kwargs` are given."""
+    config_json = json.dumps(CONFIGS[name] if config_kwargs is None else config_kwargs)
+    times = child("timing", config_json, batch, max_rounds, max_seconds)
+    best = {mode: times["modes"][mode]["min_s"] for mode in MODES}
+    ratios = {
+        "inference": best["ivpt_inference"] / best["bare_forward"],
+        "train": best["ivpt_train_step"] / (best["bare_forward_backward"] + best["bare_forward"]),
     }
+    medians = {mode: times["modes"][mode]["median_s"] for mode in MODES}
+    median_ratios = {
+        "inference": medians["ivpt_inference"] / medians["bare_forward"],
+        "train": medians["ivpt_train_step"] / (medians["bare_forward_backward"] + medians["bare_forward"]),
+    }
+    result = {"config": name, "batch": batch, "timing": times, "ratios": ratios, "median_ratios": median_ratios}
+    if memory:
+        rss = {mode: child("memory", config_json, batch, mode) for mode in MEMORY_MODES}
+        result["peak_rss_growth_mib"] = rss
+        ratios["memory"] = rss["ivpt_train_step"] / rss["bare_forward_backward"]
+    if flops:
+        result["flop_ratios"] = {
+            "inference": flops["ivpt_inference"] / flops["bare_forward"],
+            "train": flops["ivpt_train_step"] / (flops["bare_forward_backward"] + flops["bare_forward"]),
+        }
+    for key in ("inference", "train"):  # the sanity rule: IVPT contains its backbone
+        try:
+            timing.require_not_faster(f"{name} batch {batch}: {key} ratio (min over clean repetitions)",
+                                      ratios[key], times["summary"])
+        except timing.ImpossibleRatioError as error:
+            result.setdefault("failures", []).append(str(error))
+    return result
 
 
-def markdown(results: dict) -> str:
+def goal_cell(name: str, key: str, ratios: dict) -> str:
+    if key not in ratios:
+        return "–"
+    value = ratios[key]
+    if name != "full":
+        return f"{value:.3f}"
+    verdict = "met" if value <= GOALS[key] else f"missed by {100 * (value / GOALS[key] - 1):.1f} %"
+    return f"{value:.3f} (goal <= {GOALS[key]:.2f}: {verdict})"
+
+
+def markdown(results: list[dict]) -> str:
     lines = [
-        "| config | bare fwd (s) | bare fwd+bwd (s) | IVPT inference (s) | IVPT train step (s) | inference / bare fwd "
-        "| train / (bare fwd+bwd + bare fwd) | FLOP ratio inference / train | train-step peak RSS growth (MiB) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | bare fwd (s) | bare fwd+bwd (s) | IVPT inference (s) | IVPT train step (s) "
+        "| inference / bare fwd | train / (bare fwd+bwd + bare fwd) | train-step peak RSS / bare fwd+bwd "
+        "| FLOP ratio inference / train | clean/flagged (fwd, fwd+bwd, inf, train) | rounds, stop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, result in results.items():
-        rows = result["rows"]
+    for result in results:
+        modes = result["timing"]["modes"]
+        cell = lambda mode: f"{modes[mode]['min_s']:.3f} (med {modes[mode]['median_s']:.3f})"  # noqa: E731
+        counts = ", ".join(f"{modes[m]['clean']}/{modes[m]['flagged']}" for m in MODES)
+        flop = result.get("flop_ratios")
+        memory = result.get("peak_rss_growth_mib")
+        memory_cell = goal_cell(result["config"], "memory", result["ratios"])
+        if memory:
+            memory_cell += f" [{memory['ivpt_train_step']:.0f} / {memory['bare_forward_backward']:.0f} MiB]"
         lines.append(
-            f"| {name} | {rows['bare_forward']['seconds']:.3f} | {rows['bare_forward_backward']['seconds']:.3f} "
-            f"| {rows['ivpt_inference']['seconds']:.3f} | {rows['ivpt_train_step']['seconds']:.3f} "
-            f"| {result['inference_ratio']:.3f} | {result['train_ratio']:.3f} "
-            f"| {result['inference_flop_ratio']:.3f} / {result['train_flop_ratio']:.3f} "
-            f"| {rows['ivpt_train_step']['peak_rss_growth_mib']:.0f} |"
+            f"| {result['config']} | {result['batch']} | {cell('bare_forward')} | {cell('bare_forward_backward')} "
+            f"| {cell('ivpt_inference')} | {cell('ivpt_train_step')} "
+            f"| {goal_cell(result['config'], 'inference', result['ratios'])} "
+            f"| {goal_cell(result['config'], 'train', result['ratios'])} | {memory_cell} "
+            f"| {'–' if not flop else format(flop['inference'], '.4f') + ' / ' + format(flop['train'], '.4f')} "
+            f"| {counts} | {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
         )
+    lines += ["", "Times: min over clean repetitions (median in brackets); ratios use the mins. "
+              "Peak RSS: growth over one step, each mode in a fresh process. Method: `bench/timing.py`; "
+              + (results[0]["timing"]["rule"] if results else "") + "."]
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", choices=("full", "tiny", "both"), default="both")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--config", default="tiny,full", help="comma-separated: tiny, full")
+    parser.add_argument("--batch", default="1,8", help="batch sizes of the full config (tiny runs at batch 1)")
+    parser.add_argument("--max_rounds", type=int, default=8)
+    parser.add_argument("--max_seconds", type=float, default=300, help="cap on the timed rounds of one row")
+    parser.add_argument("--no_memory", action="store_true", help="skip the fresh-process peak-memory runs")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, config_json, value = args.child
-        runners = {"timing": lambda: run_timing(config_json, int(value)), "flops": lambda: run_flops(config_json),
-                   "memory": lambda: run_memory(config_json, value)}
-        result = runners[kind]()
-        print(json.dumps(result))
+        kind, config_json, *rest = args.child
+        config_kwargs = json.loads(config_json)
+        if kind == "timing":
+            out = run_timing(config_kwargs, int(rest[0]), int(rest[1]), float(rest[2]))
+        elif kind == "flops":
+            out = run_flops(config_kwargs)
+        else:
+            out = run_memory(config_kwargs, int(rest[0]), rest[1])
+        print(json.dumps(out))
         return
-    names = ("tiny", "full") if args.config == "both" else (args.config,)
-    results = {name: measure(CONFIGS[name], args.repeats) for name in names}
-    print(markdown(results))
+    names = [n.strip() for n in args.config.split(",") if n.strip()]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        parser.error(f"--config: unknown config {unknown[0]!r}; choose from {', '.join(CONFIGS)}")
+    batches = [int(b) for b in args.batch.split(",")]
+    results = []
+    for name in names:
+        flops = child("flops", json.dumps(CONFIGS[name]))
+        for batch in (batches if name == "full" else [1]):
+            results.append(measure(name, batch, args.max_rounds, args.max_seconds, not args.no_memory, flops))
+            print(markdown(results).splitlines()[-3], flush=True)
+    text = markdown(results)
+    failures = [failure for result in results for failure in result.get("failures", [])]
+    if failures:  # the table is kept for the record, marked as failed; the run exits non-zero
+        text += "\n\n" + "\n".join(f"**Run failed (sanity rule):** {failure}" for failure in failures)
+    print(text)
     if args.json:
-        with open(args.json, "w") as handle:
-            json.dump({"machine": platform.processor() or platform.machine(), "results": results,
-                       "markdown": markdown(results)}, handle, indent=2)
+        Path(args.json).write_text(json.dumps({"results": results, "markdown": text}, indent=2))
+    if failures:
+        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
 
 
 if __name__ == "__main__":

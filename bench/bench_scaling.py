@@ -1,11 +1,14 @@
-"""Scaling of the IVPT training step on CPU: image size (224/392/518) and number of prototypes, against the bare
-backbone in the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads; each point in its own subprocess).
+"""Scaling of the IVPT training step on CPU with image size and number of prototypes, against the bare backbone in
+the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads, fp32).
 
-    python bench/bench_scaling.py [--repeats 2] [--json OUT]
+    python bench/bench_scaling.py [--image_sizes 224,392] [--n_pro 5,4/9,7,5/17,14,11,8,5/33,27,21,15,9,5] [--json OUT]
 
-`time overhead` = IVPT training step / (bare forward+backward + bare forward) − 1: the share the prototype machinery
-adds on top of the two backbone passes a training step cannot avoid (§9); `FLOP overhead` is the same ratio in
-counted FLOPs (torch.utils.flop_counter), free of the timing noise of a shared machine.
+Every point runs bench/bench_model.py's measurement in its own subprocess: timings on bench/timing.py (interleaved
+rounds, repetitions disturbed by other processes flagged and excluded, min over clean repetitions, rounds until the
+min is stable; a ratio below 1 fails the run), peak RSS growth of the training modes in fresh processes, FLOPs.
+`time overhead` = IVPT training step / (bare forward+backward + bare forward) - 1: what the prototype machinery adds
+on top of the two backbone passes a training step cannot avoid; `FLOP overhead` is the same ratio in counted FLOPs.
+518 px is the `model` section (bench_model.py).
 """
 
 import argparse
@@ -14,44 +17,59 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import measure  # noqa: E402
-
-IMAGE_SIZES = (224, 392, 518)
-N_PRO = ("5,4", "9,7,5", "17,14,11,8,5", "33,27,21,15,9,5")
+from bench_model import child, measure  # noqa: E402
 
 
 def row(label: str, result: dict) -> str:
-    rows = result["rows"]
-    bare = rows["bare_forward_backward"]["seconds"] + rows["bare_forward"]["seconds"]
-    flop_overhead = f"{100 * (result['train_flop_ratio'] - 1):+.2f}%" if "train_flop_ratio" in result else "–"
-    return (f"| {label} | {bare:.2f} | {rows['ivpt_train_step']['seconds']:.2f} | {100 * (result['train_ratio'] - 1):+.1f}% "
-            f"| {flop_overhead} "
-            f"| {rows['bare_forward_backward']['peak_rss_growth_mib']:.0f} | {rows['ivpt_train_step']['peak_rss_growth_mib']:.0f} |")
+    modes = result["timing"]["modes"]
+    bare = modes["bare_forward_backward"]["min_s"] + modes["bare_forward"]["min_s"]
+    memory = result["peak_rss_growth_mib"]
+    counts = ", ".join(f"{m['clean']}/{m['flagged']}" for m in modes.values())
+    return (f"| {label} | {bare:.2f} | {modes['ivpt_train_step']['min_s']:.2f} "
+            f"| {100 * (result['ratios']['train'] - 1):+.1f} % | {100 * (result['flop_ratios']['train'] - 1):+.2f} % "
+            f"| {memory['bare_forward_backward']:.0f} | {memory['ivpt_train_step']:.0f} | {counts} "
+            f"| {result['timing']['rounds']} |")
+
+
+def point(label: str, config: dict, args) -> dict:
+    flops = child("flops", json.dumps(config))
+    return measure(label, 1, args.max_rounds, args.max_seconds, True, flops, config_kwargs=config)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--image_sizes", default="224,392")
+    parser.add_argument("--n_pro", default="5,4/9,7,5/17,14,11,8,5/33,27,21,15,9,5", help="'/'-separated, at 224 px")
+    parser.add_argument("--max_rounds", type=int, default=8)
+    parser.add_argument("--max_seconds", type=float, default=60, help="cap on the timed rounds of one point")
     parser.add_argument("--json")
     args = parser.parse_args()
     header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | time overhead | FLOP overhead "
-              "| bare fwd+bwd peak RSS growth (MiB) | IVPT step peak RSS growth (MiB) |\n|---|---|---|---|---|---|---|")
+              "| bare fwd+bwd peak RSS growth (MiB) | IVPT step peak RSS growth (MiB) "
+              "| clean/flagged (fwd, fwd+bwd, inf, train) | rounds |\n|---|---|---|---|---|---|---|---|---|")
     results = {"image_size": {}, "n_pro": {}}
     lines = ["Image size (n_pro 17,14,11,8,5):", "", header.format("image size")]
-    for size in IMAGE_SIZES:
-        results["image_size"][size] = measure({"image_size": size, "num_labels": 200}, args.repeats)
+    for size in [int(s) for s in args.image_sizes.split(",") if s]:
+        results["image_size"][size] = point(f"{size} px", {"image_size": size, "num_labels": 200}, args)
         lines.append(row(str(size), results["image_size"][size]))
         print(lines[-1], flush=True)
     lines += ["", "Prototypes (224 px):", "", header.format("n_pro")]
-    for n_pro in N_PRO:
+    for n_pro in [n for n in args.n_pro.split("/") if n]:
         config = {"image_size": 224, "n_pro": n_pro, "num_labels": 200, "interpretation_stage_index": 0}
-        results["n_pro"][n_pro] = measure(config, args.repeats)
+        results["n_pro"][n_pro] = point(f"n_pro {n_pro}", config, args)
         lines.append(row(n_pro, results["n_pro"][n_pro]))
         print(lines[-1], flush=True)
+    any_result = next(iter(results["image_size"].values()), None) or next(iter(results["n_pro"].values()))
+    lines += ["", "Times: min over clean repetitions. Method: `bench/timing.py`; " + any_result["timing"]["rule"] + "."]
+    failures = [failure for group in results.values() for result in group.values()
+                for failure in result.get("failures", [])]
+    lines += [f"**Run failed (sanity rule):** {failure}" for failure in failures]
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": results, "markdown": markdown}, indent=2, default=str))
+    if failures:
+        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
 
 
 if __name__ == "__main__":

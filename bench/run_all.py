@@ -1,11 +1,22 @@
-"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`).
+"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 30 minutes on 2 idle cores).
 
-    python bench/run_all.py [--only model,scaling,eval,data,trainer] [--demo_report demo_output/report/report.md]
+    python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer]
+                            [--gpu_json gpu_bench.json]
+                            [--demo_report demo_output/report/report.md]
 
-Sections: model cost (bench_model.py), scaling (bench_scaling.py), evaluation throughput (bench_eval.py), data
-(bench_data.py), trainer overhead (bench_trainer.py), the demo's report (when `make demo` has run), and the GPU
-figures of bench/gpu.sh when a JSON file from a GPU run is given with --gpu_json. Sections not re-run keep their
-previous text. Each section records its command; the header records machine, date and versions.
+Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~16,
+of which batch 8 ~12), profile of the extra time (profile_model.py, ~1), speed features (bench_speed.py, ~7, most of
+it inductor compiling), scaling (bench_scaling.py, ~3; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model
+section), evaluation backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data
+(bench_data.py, <1), trainer overhead (bench_trainer.py, ~2). Two halves of ~15 minutes each: `--only model` and
+`--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
+and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
+rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with
+its table and the reason when its script got that far, else keeps its previous text; the run goes on and exits
+non-zero at the end.
+Each section records its command; the header records machine, date and versions. Run it when nothing else uses
+the CPU: timings disturbed by other processes are flagged and excluded (bench/timing.py), so a busy machine gives
+fewer clean repetitions.
 """
 
 import argparse
@@ -21,11 +32,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
-    "model": ("Model cost vs the bare backbone (CPU, 2 threads, fp32, batch 1)", ["bench/bench_model.py"]),
-    "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py"]),
-    "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py"]),
+    "model": ("Model cost vs the bare backbone, and the goals (CPU, 2 threads, fp32)",
+              ["bench/bench_model.py", "--config", "full"]),
+    "speed": ("Speed features: torch.compile, bf16, gradient checkpointing, batching (CPU)", ["bench/bench_speed.py"]),
+    "profile": ("Where IVPT's time goes beyond its backbone (torch.profiler, CPU)", ["bench/profile_model.py"]),
+    "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py", "--image_sizes", "392"]),
+    "eval_passes": ("Evaluation cost in backbone passes", ["bench/bench_eval_passes.py"]),
+    "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py", "--classes", "2"]),
     "data": ("Data preparation and transforms (CPU)", ["bench/bench_data.py"]),
-    "trainer": ("Trainer overhead vs a plain loop (CPU, tiny config)", ["bench/bench_trainer.py"]),
+    "trainer": ("Trainer overhead vs a plain loop (CPU, tiny config)", ["bench/bench_trainer.py", "--rounds", "3"]),
 }
 
 
@@ -49,21 +64,25 @@ def run_section(name: str) -> str:
         out = Path(tmp) / "result.json"
         full = [sys.executable, *command, "--json", str(out)]
         print(f"== {name}: {' '.join(full[1:])}", flush=True)
-        subprocess.run(full, cwd=ROOT, check=True)
+        completed = subprocess.run(full, cwd=ROOT)
+        if not out.exists():  # failed before writing anything: the caller keeps the previous text
+            raise subprocess.CalledProcessError(completed.returncode, full)
         result = json.loads(out.read_text())
         markdown = result.get("markdown") or "```json\n" + json.dumps(result, indent=2) + "\n```"
     date = datetime.date.today().isoformat()
-    return f"## {title}\n\nCommand: `python {' '.join(command)}` ({date}; {machine()})\n\n{markdown}\n"
+    text = f"## {title}\n\nCommand: `python {' '.join(command)}` ({date}; {machine()})\n\n{markdown}\n"
+    if completed.returncode != 0:  # e.g. an impossible ratio: the section shows the table and why it failed
+        raise SectionFailed(text)
+    return text
+
+
+class SectionFailed(RuntimeError):
+    """A benchmark exited non-zero after writing its results (which say why); `args[0]` is the section text."""
 
 
 def gpu_section(path: Path) -> str:
     result = json.loads(path.read_text())
-    lines = [f"## GPU ({result['device']}, {result['config']}, torch {result['torch']})", "",
-             "| mode | dtype | batch | images/s | peak memory (MiB) |", "|---|---|---|---|---|"]
-    for row in result["rows"]:
-        memory = "–" if row["peak_memory_mib"] is None else f"{row['peak_memory_mib']:.0f}"
-        lines.append(f"| {row['mode']} | {row['dtype']} | {row['batch']} | {row['images_per_s']:.1f} | {memory} |")
-    return "\n".join(lines) + "\n"
+    return f"## GPU ({result['device']})\n\nCommand: `bash bench/gpu.sh`\n\n{result['markdown']}\n"
 
 
 def split_sections(text: str) -> dict[str, str]:
@@ -91,13 +110,26 @@ def main():
     if args.gpu_json:
         sections["gpu"] = gpu_section(Path(args.gpu_json))
     write(target, sections)
+    failed = []
     for name in names:  # BENCHMARKS.md is rewritten after every section, so a failure keeps what was measured
-        sections[name] = run_section(name)
+        try:
+            sections[name] = run_section(name)
+        except SectionFailed as failure:
+            failed.append(name)
+            sections[name] = failure.args[0]
+            print(f"== {name}: FAILED, written with the reason (see the error above)", flush=True)
+        except subprocess.CalledProcessError:
+            failed.append(name)
+            print(f"== {name}: FAILED, previous text kept (see the error above)", flush=True)
+            continue
         write(target, sections)
+    if failed:
+        sys.exit(f"failed sections: {', '.join(failed)}")
 
 
 def write(target: Path, sections: dict[str, str]) -> None:
     order = ["demo", *SECTIONS, "gpu"]
+    order += [name for name in sections if name not in order]  # sections of older layouts are kept, at the end
     text = "# Benchmarks\n\nWritten by `python bench/run_all.py` (`make bench`); each section names its command.\n\n"
     text += "\n".join(f"<!-- section: {name} -->\n{sections[name]}" for name in order if name in sections)
     temporary = target.with_suffix(".md.tmp")

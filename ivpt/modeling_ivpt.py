@@ -400,6 +400,7 @@ class IvptModel(IvptPreTrainedModel):
             + [IvptPrototypeStage(config, config.n_pro[-1])]
         )
         self.modulation = nn.LayerNorm((hidden_size, config.num_parts + 1), eps=1e-5)
+        self.grid_size = config.grid_size  # read once: the config property runs json.dumps, a torch.compile graph break
         self.gradient_checkpointing = False
         self._freeze()
         self.post_init()
@@ -453,7 +454,7 @@ class IvptModel(IvptPreTrainedModel):
         return tokens, stage_features, raw_maps, routing_weights, projected_maps
 
     def _to_grid(self, maps: torch.Tensor) -> torch.Tensor:
-        return maps.unflatten(-1, (self.config.grid_size, self.config.grid_size))
+        return maps.unflatten(-1, (self.grid_size, self.grid_size))
 
     def _sample_noise(self, sample_routing_noise: bool | None) -> bool:
         if sample_routing_noise is not None:

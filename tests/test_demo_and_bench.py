@@ -38,17 +38,23 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
 
 
 def test_gpu_benchmark_script_cpu_mode(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path))
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
     result = subprocess.run(
-        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--batch", "2", "--max_batch", "2",
-         "--repeats", "1"], cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--batch", "2", "--warmup", "1",
+         "--steps", "1", "--compile_backend", "eager", "--data_images", "2"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"]
-    assert {(r["mode"], r["dtype"]) for r in rows} == {
-        (mode, dtype) for mode in ("bare_inference", "ivpt_inference", "bare_train", "ivpt_train")
-        for dtype in ("fp32", "bf16")}
-    assert all(r["images_per_s"] > 0 for r in rows)
+    info = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert {(r["mode"], r["dtype"], r["compiled"]) for r in info["rows"]} == {
+        ("ivpt_train", "fp32", False), ("ivpt_train", "bf16", False), ("ivpt_train", "bf16", True),
+        ("ivpt_inference", "fp32", False), ("ivpt_inference", "bf16", False), ("ivpt_inference", "bf16", True),
+        ("bare_train", "fp32", False), ("bare_train", "bf16", False),
+        ("bare_inference", "fp32", False), ("bare_inference", "bf16", False)}
+    assert all(r["images_per_s"] > 0 and r["batch"] == 2 for r in info["rows"])
+    assert info["data_pipeline"]["images_per_cpu_s"] > 0 and info["compile_backend"] == "eager"
+    markdown = (tmp_path / "gpu_bench.md").read_text()
+    assert "loader cores" in markdown and "| ivpt_train | bf16 | yes | 2 |" in markdown
 
 
 def test_trainer_benchmark_runs_every_pipeline(tmp_path):

@@ -1,0 +1,231 @@
+"""Timing that survives a shared machine: the one method every benchmark of `bench/` uses.
+
+The method, in full:
+
+1. **Interleaved rounds in one process.** Every mode (e.g. "bare forward", "IVPT inference") runs once for warm-up,
+   then round after round, each round running every mode once in a new shuffled order (seeded). Load and drift of the
+   machine therefore hit every mode alike, and no mode always follows the same other mode.
+2. **Each repetition is checked for foreign CPU use.** Around every repetition the busy CPU time of the whole machine
+   (`/proc/stat`: user + nice + system + irq + softirq + steal, summed over all cores) and this process's own CPU time
+   (`os.times()`: user + system, all threads) are read. *Foreign CPU* = busy delta - own delta: what other processes
+   (and the hypervisor, through `steal`) took while we were timing. A repetition is **flagged** when
+   `foreign > FLAG_ABSOLUTE_S + FLAG_FRACTION * wall seconds` (0.03 s + 2 % of one core over the repetition; the
+   absolute part covers the 10 ms tick of both counters and the kernel's own housekeeping).
+   Flagged repetitions are excluded from every statistic and counted; tables state `clean/flagged` counts.
+   Both counters tick every 10 ms, so repetitions much shorter than ~0.5 s are judged coarsely (a 20 ms repetition
+   cannot exceed the absolute allowance); the goal rows (ViT-B/14 at 518 px) take seconds per repetition.
+3. **Statistics**: min and median over the clean repetitions. Ratios use the min (the least disturbed run is the best
+   estimate of the cost on an idle machine); the median is reported next to it.
+4. **Stopping rule**: after at least `min_rounds` rounds, stop as soon as every mode has >= `min_clean` clean
+   repetitions and no mode's min fell by more than `tolerance` (1 %) over the last `patience` (2) rounds; otherwise
+   stop at `max_rounds` or when `max_seconds` is spent (the result then says so: `stop_reason`).
+5. **Sanity rule**: a model that runs its whole backbone plus heads cannot be faster than that backbone.
+   `require_not_faster` raises `ImpossibleRatioError` (failing the run, with an explanation) when such a ratio is < 1.
+
+`ProcStatMonitor` takes its two readers as arguments, so the flagging logic is tested with fake counters.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+FLAG_ABSOLUTE_S = 0.03
+FLAG_FRACTION = 0.02
+BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user, nice, system, irq, softirq, steal (idle = 3, iowait = 4 are not busy)
+
+
+def machine_busy_seconds(path: str = "/proc/stat") -> float:
+    """Busy CPU seconds of the whole machine since boot, summed over all cores (first `cpu` line of /proc/stat)."""
+    with open(path) as handle:
+        fields = handle.readline().split()
+    if fields[0] != "cpu":
+        raise ValueError(f"{path}: first line is not the aggregate `cpu` line")
+    values = [int(value) for value in fields[1:]]
+    return sum(values[i] for i in BUSY_FIELDS if i < len(values)) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    times = os.times()
+    return times.user + times.system
+
+
+@dataclass
+class Repetition:
+    seconds: float
+    foreign_cpu_s: float
+    flagged: bool
+
+
+@dataclass
+class ProcStatMonitor:
+    """Times a callable and flags the run when other processes used the CPU meanwhile (see the module docstring)."""
+
+    read_busy: Callable[[], float] = machine_busy_seconds
+    read_own: Callable[[], float] = own_cpu_seconds
+    clock: Callable[[], float] = time.perf_counter
+    absolute_s: float = FLAG_ABSOLUTE_S
+    fraction: float = FLAG_FRACTION
+
+    def threshold(self, seconds: float) -> float:
+        return self.absolute_s + self.fraction * seconds
+
+    def run(self, function: Callable[[], object]) -> Repetition:
+        busy, own, start = self.read_busy(), self.read_own(), self.clock()
+        function()
+        seconds = self.clock() - start
+        foreign = (self.read_busy() - busy) - (self.read_own() - own)
+        return Repetition(seconds, foreign, foreign > self.threshold(seconds))
+
+
+@dataclass
+class ModeTiming:
+    name: str
+    repetitions: list[Repetition] = field(default_factory=list)
+
+    @property
+    def clean(self) -> list[float]:
+        return [r.seconds for r in self.repetitions if not r.flagged]
+
+    @property
+    def flagged(self) -> int:
+        return sum(r.flagged for r in self.repetitions)
+
+    @property
+    def min(self) -> float:
+        return min(self.clean) if self.clean else float("nan")
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.clean) if self.clean else float("nan")
+
+    def counts(self) -> str:
+        """`clean/flagged`, as printed in every table."""
+        return f"{len(self.clean)}/{self.flagged}"
+
+    def to_json(self) -> dict:
+        return {"min_s": self.min, "median_s": self.median, "clean": len(self.clean), "flagged": self.flagged,
+                "all_s": [r.seconds for r in self.repetitions],
+                "foreign_cpu_s": [r.foreign_cpu_s for r in self.repetitions]}
+
+
+@dataclass
+class TimingResult:
+    modes: dict[str, ModeTiming]
+    rounds: int
+    stop_reason: str
+    rule: str
+
+    def __getitem__(self, name: str) -> ModeTiming:
+        return self.modes[name]
+
+    def clean_flagged(self) -> tuple[int, int]:
+        """Total clean and flagged repetitions over all modes."""
+        return (sum(len(m.clean) for m in self.modes.values()), sum(m.flagged for m in self.modes.values()))
+
+    def summary(self) -> str:
+        """One line for under a table: rounds, clean/flagged counts, why it stopped, the flag rule."""
+        clean, flagged = self.clean_flagged()
+        return (f"{self.rounds} interleaved rounds; {clean} clean / {flagged} flagged repetitions "
+                f"(flagged = other processes used > {FLAG_ABSOLUTE_S} s + {FLAG_FRACTION:.0%} of the repetition's "
+                f"wall time in CPU; excluded); stopped: {self.stop_reason}; statistic: min over clean repetitions")
+
+    def to_json(self) -> dict:
+        return {"rounds": self.rounds, "stop_reason": self.stop_reason, "rule": self.rule,
+                "modes": {name: mode.to_json() for name, mode in self.modes.items()}}
+
+
+def min_is_stable(history: list[dict[str, float]], patience: int, tolerance: float) -> bool:
+    """True when no mode's min fell by more than `tolerance` (relative) over the last `patience` rounds.
+
+    `history[i]` maps mode -> min over clean repetitions after round i (NaN while a mode has none).
+    """
+    if len(history) <= patience:
+        return False
+    before, now = history[-1 - patience], history[-1]
+    for name, current in now.items():
+        previous = before[name]
+        if previous != previous or current != current:  # NaN: no clean repetition yet
+            return False
+        if current < previous * (1 - tolerance):
+            return False
+    return True
+
+
+def time_modes(
+    modes: dict[str, Callable[[], object]],
+    *,
+    min_rounds: int = 3,
+    max_rounds: int = 15,
+    min_clean: int = 2,
+    patience: int = 2,
+    tolerance: float = 0.01,
+    max_seconds: float | None = None,
+    warmup: bool = True,
+    seed: int = 0,
+    monitor: ProcStatMonitor | None = None,
+    before_each: Callable[[], object] = gc.collect,
+    log: Callable[[str], None] | None = None,
+) -> TimingResult:
+    """Times every mode with the method of this module; returns per-mode repetitions, the rounds run and why it
+    stopped. `max_seconds` caps the wall time spent in rounds (a round already begun is finished); `before_each` runs
+    untimed before every repetition (default: a garbage collection, so none falls inside a timing)."""
+    if min_rounds < 1 or max_rounds < min_rounds:
+        raise ValueError(f"need 1 <= min_rounds ({min_rounds}) <= max_rounds ({max_rounds})")
+    monitor = monitor or ProcStatMonitor()
+    timings = {name: ModeTiming(name) for name in modes}
+    rule = (f"stop after >= {min_rounds} rounds once every mode has >= {min_clean} clean repetitions and no mode's "
+            f"min fell by > {tolerance:.0%} over the last {patience} rounds; at most {max_rounds} rounds"
+            + (f" or {max_seconds:.0f} s" if max_seconds else ""))
+    if warmup:
+        for function in modes.values():
+            function()
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    stop_reason = f"max_rounds ({max_rounds}) reached before the min was stable"
+    rounds = 0
+    for rounds in range(1, max_rounds + 1):
+        for name in random.Random(seed * 1000 + rounds).sample(list(modes), len(modes)):
+            before_each()
+            timings[name].repetitions.append(monitor.run(modes[name]))
+        history.append({name: timing.min for name, timing in timings.items()})
+        if log:
+            log(f"round {rounds}: " + ", ".join(f"{n} {t.repetitions[-1].seconds:.3f}s"
+                                                f"{' (flagged)' if t.repetitions[-1].flagged else ''}"
+                                                for n, t in timings.items()))
+        enough_clean = all(len(t.clean) >= min_clean for t in timings.values())
+        if rounds >= min_rounds and enough_clean and min_is_stable(history, patience, tolerance):
+            stop_reason = "min stable"
+            break
+        if max_seconds is not None and time.perf_counter() - started > max_seconds:
+            stop_reason = f"time cap ({max_seconds:.0f} s) reached" + ("" if enough_clean else
+                                                                       f", fewer than {min_clean} clean repetitions")
+            break
+    return TimingResult(timings, rounds, stop_reason, rule)
+
+
+class ImpossibleRatioError(RuntimeError):
+    """A measured ratio that cannot be true (a superset of work timed faster than its subset)."""
+
+
+def require_not_faster(label: str, ratio: float, details: str = "") -> float:
+    """Fails the run when `ratio` (IVPT / its own backbone, by construction >= 1) is below 1; returns it otherwise.
+    `details` (e.g. `TimingResult.summary()`) goes into the message."""
+    details = f" ({details})" if details else ""
+    if ratio != ratio:
+        raise ImpossibleRatioError(f"{label}: no clean repetitions to form the ratio{details}. Every repetition was "
+                                   f"disturbed by other processes: re-run on a quiet machine.")
+    if ratio < 1.0:
+        raise ImpossibleRatioError(
+            f"{label} = {ratio:.3f} < 1: IVPT runs its whole backbone plus the prototype heads, so it cannot take "
+            f"less time than that backbone alone. The measurement is noise (another process used the CPU in a way the "
+            f"/proc/stat check did not catch, or too few clean repetitions){details}. Re-run on a quiet machine or "
+            f"with more rounds; the run fails rather than publish this number."
+        )
+    return ratio

@@ -1,0 +1,74 @@
+"""The benchmark scripts' own logic (goal verdicts, equal-input grouping of evaluation passes, section selection) and
+one quick run of bench_speed.py on the tiny model. The timing method itself: test_bench_timing.py."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import bench_eval_passes  # noqa: E402
+import bench_model  # noqa: E402
+
+
+def test_goal_verdicts_state_by_how_much_a_goal_is_missed():
+    assert bench_model.goal_cell("full", "inference", {"inference": 1.02}) == "1.020 (goal <= 1.03: met)"
+    assert bench_model.goal_cell("full", "train", {"train": 1.10}) == "1.100 (goal <= 1.05: missed by 4.8 %)"
+    assert bench_model.goal_cell("tiny", "train", {"train": 1.5}) == "1.500"  # goals are for the full model
+    assert bench_model.goal_cell("full", "memory", {}) == "–"
+
+
+def test_evaluation_passes_are_grouped_by_equal_inputs():
+    torch.manual_seed(0)
+    raw = torch.rand(3, 3, 8, 8)
+    mean = torch.tensor(bench_eval_passes.IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(bench_eval_passes.IMAGENET_STD)[:, None, None]
+    normalised = (raw - mean) / std
+    other = torch.rand(3, 3, 8, 8)
+    passes = [normalised, other, raw, normalised.clone(), torch.rand(2, 3, 8, 8)]
+    assert bench_eval_passes.groups_of_equal(passes, bench_eval_passes.equal) == [[0, 3], [1], [2], [4]]
+    assert bench_eval_passes.groups_of_equal(passes, bench_eval_passes.equal_up_to_normalisation) == [
+        [0, 2, 3], [1], [4]]
+
+
+def test_run_all_rejects_an_unknown_section():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "run_all.py"), "--only", "model,nonsense"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "unknown section 'nonsense'" in result.stderr
+
+
+def test_speed_benchmark_runs_on_the_tiny_model(tmp_path):
+    out = tmp_path / "speed.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_speed.py"), "--tiny", "--sections", "batch,checkpointing",
+         "--max_rounds", "1",
+         "--demo_dir", str(tmp_path / "no_demo"), "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["mode"] for r in results["batch"]["rows"]] == ["batch 1", "batch 8", "batch 32"]
+    for rows in (results["batch"]["rows"], results["checkpointing"]["rows"]):
+        assert all(r["clean"] + r["flagged"] == 1 for r in rows)  # one round: each repetition counted once
+    assert set(results["checkpointing"]["peak_rss_growth_mib"]) == {"plain", "checkpointing"}
+    markdown = json.loads(out.read_text())["markdown"]
+    assert "clean/flagged" in markdown and "Batched inference, tiny test ViT at 64 px" in markdown
+
+
+def test_run_all_writes_a_failed_section_with_its_reason(tmp_path, monkeypatch):
+    """A benchmark that writes its table and exits non-zero (an impossible ratio) gets a section saying why."""
+    import run_all
+
+    script = tmp_path / "fails.py"
+    script.write_text("import json, sys\n"
+                      "json.dump({'markdown': '| a |\\n\\n**Run failed (sanity rule):** ratio 0.8 < 1'},"
+                      " open(sys.argv[sys.argv.index('--json') + 1], 'w'))\nsys.exit(1)\n")
+    monkeypatch.setitem(run_all.SECTIONS, "fake", ("Fake section", [str(script)]))
+    monkeypatch.setattr(run_all, "machine", lambda: "test machine")
+    with pytest.raises(run_all.SectionFailed) as failure:
+        run_all.run_section("fake")
+    assert failure.value.args[0].startswith("## Fake section") and "**Run failed (sanity rule):**" in failure.value.args[0]
