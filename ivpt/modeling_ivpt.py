@@ -82,7 +82,7 @@ class CheckpointError(OSError):
     """A checkpoint that cannot be loaded as it is; the message names the path or file."""
 
 
-def looks_like_local_path(path: str) -> bool:
+def _looks_like_local_path(path: str) -> bool:
     """Absolute, relative to `.`/`~`, or deeper than a Hub `namespace/name` id."""
     return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
 
@@ -93,7 +93,7 @@ def _check_checkpoint_path(path: str, subfolder: str, config_given: bool) -> Non
         raise CheckpointError(f"{path!r} is a file; expected a checkpoint directory (config.json, model.safetensors) "
                               "or a Hub model id")
     if not os.path.isdir(path):
-        if looks_like_local_path(path):
+        if _looks_like_local_path(path):
             raise CheckpointError(f"{path!r}: no such directory")
         return
     path = os.path.join(path, subfolder) if subfolder else path

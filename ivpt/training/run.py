@@ -26,7 +26,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_ivpt import IvptConfig
 from ..image_processing import make_image_processor
-from ..modeling_ivpt import IvptForImageClassification, looks_like_local_path
+from ..modeling_ivpt import IvptForImageClassification, _looks_like_local_path
 from .arguments import DataArguments, ModelArguments, config_field_names, parse_arguments
 from .data import (
     AugmentationEpochCallback, SampleSeededTransform, build_transforms, check_data_source, load_raw_dataset,
@@ -64,7 +64,7 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise MissingPathError(f"`--data_dir`: no such file or directory {data_args.data_dir!r}")
     check_data_source(data_args.data_dir, data_args.dataset_name)
     source = model_args.model_name_or_path
-    if source and not os.path.isdir(source) and (os.path.exists(source) or looks_like_local_path(source)):
+    if source and not os.path.isdir(source) and (os.path.exists(source) or _looks_like_local_path(source)):
         problem = "is a file, not a directory" if os.path.exists(source) else "no such directory"
         raise MissingPathError(f"`--model_name_or_path` {source!r}: {problem} (expected a saved model folder or a "
                                "Hub model id)")
