@@ -46,7 +46,6 @@ from ivpt.image_processing import make_image_processor
 REPO = Path(__file__).resolve().parents[1]
 SURFACES = ("data", "config", "checkpoint", "train_cli", "evaluate_cli", "forward")
 OUTCOMES = ("clear", "unclear", "silent", "partial")
-H10 = "fixed on branch h10 (training CLI errors)"
 H13 = "fixed on branch h13 (evaluation CLI errors)"
 NUM_CLASSES = 3
 
@@ -732,6 +731,8 @@ TRAIN_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, OSError, Syst
 
 def _train_argv(ctx, *flags, data=True):
     argv = [*TRAIN_TINY, "--output_dir", str(ctx.out)]
+    if not {"--backbone_weights", "--model_name_or_path"} & set(flags):
+        argv += ["--random_backbone", "true"]  # offline: no pretrained backbone weights to load
     if data:
         argv += ["--data_dir", str(ctx.env.cub), "--dataset_cache_dir", str(ctx.env.cub_cache)]
     return argv + list(flags)
@@ -750,9 +751,9 @@ def _train_case(name, flags, *culprits, xfail=None, data=True, watched=("out_roo
 
 _train_case("unknown_flag", ["--learning_rat", "1e-3"], "--learning_rat")
 _train_case("flag_value_not_a_number", ["--learning_rate", "fast"], "--learning_rate", "fast")
-_train_case("batch_size_zero", ["--per_device_train_batch_size", "0"], "per_device_train_batch_size", xfail=H10)
-_train_case("batch_size_negative", ["--per_device_train_batch_size", "-2"], "per_device_train_batch_size", xfail=H10)
-_train_case("eval_batch_size_zero", ["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size", xfail=H10)
+_train_case("batch_size_zero", ["--per_device_train_batch_size", "0"], "per_device_train_batch_size")
+_train_case("batch_size_negative", ["--per_device_train_batch_size", "-2"], "per_device_train_batch_size")
+_train_case("eval_batch_size_zero", ["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size")
 _train_case("data_dir_missing", ["--data_dir", "/nonexistent/cub"], "--data_dir", "/nonexistent/cub", data=False)
 _train_case("no_data_source", [], "--data_dir", "--dataset_name", data=False)
 _train_case("both_data_sources", lambda c: ["--data_dir", str(c.env.cub), "--dataset_name", str(c.env.cub)],
@@ -784,8 +785,7 @@ _train_case("unknown_recipe_key", [], "recipe.yaml", "learning_rat", recipe=("re
 _train_case("recipe_invalid_yaml", [], "recipe.yaml", "invalid YAML", recipe=("recipe.yaml", "a: [1, 2\n"))
 _train_case("recipe_not_a_mapping", [], "recipe.yaml", "mapping", recipe=("recipe.yaml", "- 1\n- 2\n"))
 _train_case("recipe_invalid_json", [], "recipe.json", "invalid JSON", recipe=("recipe.json", "{\"a\": }"))
-_train_case("recipe_list_for_scalar", [], "learning_rate", recipe=("recipe.yaml", "learning_rate: [0.1, 0.2]\n"),
-            xfail=H10)
+_train_case("recipe_list_for_scalar", [], "learning_rate", recipe=("recipe.yaml", "learning_rate: [0.1, 0.2]\n"))
 
 
 @case("train_cli", "recipe_file_missing", TRAIN_ERRORS, "missing.yaml", watched=("out_root",))
@@ -799,7 +799,7 @@ def _output_dir_is_a_file(ctx):
     ctx.out.write_text("a file where the results should go")
 
 
-@case("train_cli", "output_dir_is_a_file", TRAIN_ERRORS, "--output_dir", watched=("out_root",), xfail=H10,
+@case("train_cli", "output_dir_is_a_file", TRAIN_ERRORS, "--output_dir", watched=("out_root",),
       setup=_output_dir_is_a_file)
 def _(ctx):
     script_main("train_ivpt")(_train_argv(ctx))
@@ -809,8 +809,8 @@ def _(ctx):
 def _(ctx):
     root = cub_copy(ctx)
     rewrite_line(root / "images.txt", 2, "2 ../../x.jpg")
-    script_main("train_ivpt")([*TRAIN_TINY, "--output_dir", str(ctx.out), "--data_dir", str(root),
-                               "--dataset_cache_dir", str(ctx.cache)])
+    script_main("train_ivpt")([*TRAIN_TINY, "--random_backbone", "true", "--output_dir", str(ctx.out),
+                               "--data_dir", str(root), "--dataset_cache_dir", str(ctx.cache)])
 
 
 @case("train_cli", "corrupt_model_checkpoint", TRAIN_ERRORS, "model.safetensors", watched=("out_root",))
@@ -821,7 +821,7 @@ def _(ctx):
 
 
 @case("train_cli", "subprocess_batch_size_zero", (CommandFailed,), "per_device_train_batch_size",
-      watched=("out_root",), xfail=H10)
+      watched=("out_root",))
 def _(ctx):
     run_command("train_ivpt.py", *_train_argv(ctx, "--per_device_train_batch_size", "0"))
 

@@ -43,7 +43,8 @@ TINY = ["--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS), "--image_size", "
 
 # Imported at start-up by every `train_ivpt.py` process of the kill runs: SIGKILLs the process after the checkpoint
 # of update N is complete ("after_save:N"), or in the middle of writing it, weights written and the optimizer state
-# begun ("during_save:N").
+# begun ("during_save:N"). Before a kill during a save, rank 0 saves the model as it is after update N, i.e. the final
+# weights of an uninterrupted run of N updates, into $IVPT_TEST_REFERENCE (the reference of the resumed run).
 KILL_HOOK = textwrap.dedent("""
     import os, signal, sys
     mode = os.environ.get("IVPT_TEST_KILL")
@@ -62,7 +63,10 @@ KILL_HOOK = textwrap.dedent("""
             original = IvptTrainer._save_optimizer_and_scheduler
             def _save_optimizer_and_scheduler(self, output_dir):
                 if self.state.global_step == step:
-                    open(os.path.join(output_dir, "optimizer.pt"), "wb").close()
+                    if self.args.should_save:
+                        self.model.save_pretrained(os.environ["IVPT_TEST_REFERENCE"])
+                        open(os.path.join(output_dir, "optimizer.pt"), "wb").close()
+                    self.accelerator.wait_for_everyone()  # no rank dies before rank 0 is done
                     os.kill(os.getpid(), signal.SIGKILL)
                 original(self, output_dir)
             IvptTrainer._save_optimizer_and_scheduler = _save_optimizer_and_scheduler
@@ -112,7 +116,7 @@ def workspace(tmp_path_factory):
     return {"root": root, "data": str(data), "weights": str(weights), "hub": str(root / "hub"), "hooks": str(hooks)}
 
 
-def run(workspace, command, extra=(), kill=None, expect_ok=True):
+def run(workspace, command, extra=(), kill=None, expect_ok=True, reference=None):
     argv = shlex.split(command.replace(DATA, workspace["data"]).replace(WEIGHTS, workspace["weights"]))
     if argv[0] == "python":
         argv[0] = sys.executable
@@ -126,6 +130,8 @@ def run(workspace, command, extra=(), kill=None, expect_ok=True):
     env.pop("IVPT_TEST_KILL", None)
     if kill:
         env["IVPT_TEST_KILL"] = kill
+    if reference:
+        env["IVPT_TEST_REFERENCE"] = str(reference)
     result = subprocess.run([*argv, *extra], cwd=workspace["root"], env=env, capture_output=True, text=True,
                             timeout=600)
     if expect_ok:
@@ -152,48 +158,56 @@ def assert_bit_identical(a, b):
 
 
 def test_one_process_commands_and_resume_after_kill(workspace):
+    """Each one-process documented command once: the run with timm's pretrained backbone (the uninterrupted reference),
+    the one-GPU command killed right after checkpoint-2 is complete, the resume command, the evaluation command."""
     root = workspace["root"]
-    # The documented one-GPU command, uninterrupted (the reference), with TensorBoard logging as in the recipe.
-    run(workspace, ONE_GPU, TINY)
-    reference = root / "runs" / "cub_ivpt_1gpu"
+    # Without --backbone_weights: timm's pretrained weights of --backbone (here from the local Hub cache, offline),
+    # loaded into the frozen backbone; TensorBoard logging as in the recipe.
+    run(workspace, FROM_HUB, TINY)
+    reference = root / "runs" / "cub_ivpt_hub"
+    trained = weights_of(reference)
+    pretrained = load_file(workspace["weights"])
+    frozen = [name for name in pretrained if name not in ("cls_token", "reg_token", "pos_embed")]  # those train
+    assert len(frozen) > 10
+    for name in frozen:
+        assert torch.equal(trained[f"ivpt.backbone.{name}"], pretrained[name]), name
     results = json.loads((reference / "eval_results.json").read_text())
     assert results["final"]["global_step"] == 3
     assert results["final"]["test_num_samples"] == results["test_split_size"] == 12
     assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(reference / "runs") for name in files)
 
-    # Killed right after checkpoint-2 is complete, then the documented resume command.
-    killed = ["--output_dir", "runs/killed"]
-    run(workspace, ONE_GPU, [*TINY, *killed], kill="after_save:2", expect_ok=False)
-    assert not (root / "runs" / "killed" / "model.safetensors").exists()  # no result-looking weights
-    resumed = run(workspace, RESUME, [*TINY, *killed])
-    assert_bit_identical(weights_of(reference), weights_of(root / "runs" / "killed"))
-    resumed_results = json.loads((root / "runs" / "killed" / "eval_results.json").read_text())
+    # The one-GPU command (the same weights from --backbone_weights), killed right after checkpoint-2 is complete,
+    # then the documented resume command: bit-identical to the uninterrupted run.
+    run(workspace, ONE_GPU, TINY, kill="after_save:2", expect_ok=False)
+    output = root / "runs" / "cub_ivpt_1gpu"
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (output / "model.safetensors").exists()  # no result-looking weights
+    resumed = run(workspace, RESUME, TINY)
+    assert_bit_identical(trained, weights_of(output))
+    resumed_results = json.loads((output / "eval_results.json").read_text())
     assert resumed_results["final"]["test_top1_micro"] == results["final"]["test_top1_micro"]
     assert "skipping incomplete" not in resumed.stderr
 
     # The documented evaluation-only command: the same numbers as after training.
     run(workspace, EVALUATE)
-    evaluated = json.loads((reference / "test" / "eval_results.json").read_text())
+    evaluated = json.loads((output / "test" / "eval_results.json").read_text())
     for key in ("test_loss", "test_top1_micro", "test_top1_macro", "test_num_samples"):
-        assert evaluated["final"][key] == pytest.approx(results["final"][key], rel=1e-6), key
-
-    # The documented command without --backbone_weights: timm's pretrained weights of --backbone (here from the local
-    # Hub cache, offline), loaded into the frozen backbone.
-    run(workspace, FROM_HUB, [*TINY, "--max_steps", "1"])
-    trained = weights_of(root / "runs" / "cub_ivpt_hub")
-    pretrained = load_file(workspace["weights"])
-    assert torch.equal(trained["ivpt.backbone.blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+        assert evaluated["final"][key] == pytest.approx(resumed_results["final"][key], rel=1e-6), key
 
 
 def test_two_processes_resume_after_kill_during_save(workspace):
+    """The accelerate command (2 CPU processes) killed while it writes checkpoint-3, its last: the weights after update
+    3 were saved aside just before (the uninterrupted run's final weights); resumed with `latest`, the run skips the
+    incomplete checkpoint-3, redoes update 3 from checkpoint-2 and ends bit-identical."""
     root = workspace["root"]
-    run(workspace, ACCELERATE, TINY)
-    reference = root / "runs" / "cub_ivpt"
-    results = json.loads((reference / "eval_results.json").read_text())
+    output, reference = root / "runs" / "cub_ivpt", root / "reference_ddp"
+    run(workspace, ACCELERATE, TINY, kill="during_save:3", expect_ok=False, reference=reference)
+    assert (output / "checkpoint-2" / "trainer_state.json").is_file()
+    assert not (output / "checkpoint-3" / "trainer_state.json").exists()
+    assert not (output / "model.safetensors").exists()
+    resumed = run(workspace, ACCELERATE, [*TINY, "--resume_from_checkpoint", "latest"])
+    assert "checkpoint-3" in resumed.stderr and "skipping incomplete" in resumed.stderr
+    assert_bit_identical(weights_of(reference), weights_of(output))
+    results = json.loads((output / "eval_results.json").read_text())
+    assert results["final"]["global_step"] == 3
     assert results["final"]["test_num_samples"] == results["test_split_size"] == 12  # drop_last: training only
-    killed = ["--output_dir", "runs/killed_ddp"]
-    run(workspace, ACCELERATE, [*TINY, *killed], kill="during_save:2", expect_ok=False)
-    assert not (root / "runs" / "killed_ddp" / "checkpoint-2" / "trainer_state.json").exists()
-    resumed = run(workspace, ACCELERATE, [*TINY, *killed, "--resume_from_checkpoint", "latest"])
-    assert "checkpoint-2" in resumed.stderr and "skipping incomplete" in resumed.stderr
-    assert_bit_identical(weights_of(reference), weights_of(root / "runs" / "killed_ddp"))

@@ -244,6 +244,36 @@ def test_no_untrained_weights_after_a_crash(image_folder, tmp_path, monkeypatch)
     assert not [name for name in leftovers if name.endswith((".safetensors", ".json", ".md"))], leftovers
 
 
+def test_run_writes_a_loadable_checkpoint_card_and_results(trained):
+    output, results = trained
+    for name in ("model.safetensors", "config.json", "modeling_ivpt.py", "configuration_ivpt.py", "losses.py",
+                 "preprocessor_config.json", "README.md", "eval_results.json"):
+        assert (output / name).is_file(), name
+    assert "best" not in results
+    for key in ("test_top1_micro", "test_top1_macro", "test_top5_micro", "test_top5_macro"):
+        assert 0 <= results["final"][key] <= 100
+    card = (output / "README.md").read_text()
+    assert "final_test_top1_micro" in card and "max_steps" in card
+    config = json.loads((output / "config.json").read_text())
+    assert config["n_pro"] == [6, 5, 4] and len(config["id2label"]) == 7
+
+
+def test_checkpoint_from_another_config(trained, image_folder):
+    output, _ = trained
+    before = {name: os.path.getmtime(output / name) for name in os.listdir(output)}
+    with pytest.raises(ValueError, match="another model configuration.*n_pro"):
+        main(["--dataset_name", str(image_folder), "--output_dir", str(output), "--backbone_kwargs",
+              json.dumps(TINY_BACKBONE_KWARGS), "--image_size", "64", "--n_pro", "5,4,3", "--use_cpu", "true",
+              "--random_backbone", "true", "--resume_from_checkpoint", "latest"])
+    assert before == {name: os.path.getmtime(output / name) for name in os.listdir(output)}
+
+
+def test_existing_run_is_not_overwritten(trained, image_folder):
+    output, _ = trained
+    with pytest.raises(ValueError, match="already holds a training run"):
+        main(["--dataset_name", str(image_folder), "--output_dir", str(output), *TINY])
+
+
 def test_latest_skips_incomplete_checkpoints(trained, tmp_path):
     import shutil
 

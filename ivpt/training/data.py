@@ -47,6 +47,15 @@ class ImageClassificationData:
         return len(self.label_names)
 
 
+def check_data_source(data_dir: str | None, dataset_name: str | None) -> None:
+    """Exactly one data source, and a `--data_dir` that exists (checked before any work)."""
+    if (data_dir is None) == (dataset_name is None):
+        raise DataError("Expected exactly one of `--data_dir` (CUB layout) and `--dataset_name`, got "
+                        f"data_dir={data_dir!r}, dataset_name={dataset_name!r}")
+    if data_dir is not None and not os.path.exists(data_dir):
+        raise DataError(f"`--data_dir`: no such file or directory {data_dir!r}")
+
+
 def load_raw_dataset(
     data_dir: str | None = None,
     dataset_name: str | None = None,
@@ -56,12 +65,8 @@ def load_raw_dataset(
 ) -> tuple[datasets.DatasetDict, str]:
     """Loads the data source without validating it; returns the `DatasetDict` and a description naming the source
     (by its name, never by an absolute local path: the description goes into model cards)."""
-    if (data_dir is None) == (dataset_name is None):
-        raise DataError("Expected exactly one of `--data_dir` (CUB layout) and `--dataset_name`, got "
-                        f"data_dir={data_dir!r}, dataset_name={dataset_name!r}")
+    check_data_source(data_dir, dataset_name)
     if data_dir is not None:
-        if not os.path.exists(data_dir):
-            raise DataError(f"`--data_dir`: no such file or directory {data_dir!r}")
         from ..data import load_cub
 
         return load_cub(data_dir, config=cub_config, cache_dir=cache_dir), f"CUB {_name_of(data_dir)!r}"

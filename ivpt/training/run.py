@@ -26,9 +26,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..configuration_ivpt import IvptConfig
 from ..image_processing import make_image_processor
-from ..modeling_ivpt import IvptForImageClassification
+from ..modeling_ivpt import IvptForImageClassification, _looks_like_local_path
 from .arguments import DataArguments, ModelArguments, config_field_names, parse_arguments
-from .data import AugmentationEpochCallback, SampleSeededTransform, build_transforms, load_raw_dataset, prepare_splits
+from .data import (
+    AugmentationEpochCallback, SampleSeededTransform, build_transforms, check_data_source, load_raw_dataset,
+    prepare_splits,
+)
 from .errors import MissingPathError, TrainingError
 from .trainer import IvptTrainer, IvptTrainingArguments, write_text_atomic
 
@@ -59,6 +62,12 @@ def check_arguments(model_args: ModelArguments, data_args: DataArguments, traini
         raise MissingPathError(f"`--backbone_weights`: no such file {model_args.backbone_weights!r}")
     if data_args.data_dir is not None and not os.path.exists(data_args.data_dir):
         raise MissingPathError(f"`--data_dir`: no such file or directory {data_args.data_dir!r}")
+    check_data_source(data_args.data_dir, data_args.dataset_name)
+    source = model_args.model_name_or_path
+    if source and not os.path.isdir(source) and (os.path.exists(source) or _looks_like_local_path(source)):
+        problem = "is a file, not a directory" if os.path.exists(source) else "no such directory"
+        raise MissingPathError(f"`--model_name_or_path` {source!r}: {problem} (expected a saved model folder or a "
+                               "Hub model id)")
     if not training_args.do_train:
         if not model_args.model_name_or_path:
             raise TrainingError("`--do_train false` evaluates a saved model: give it with `--model_name_or_path`")
