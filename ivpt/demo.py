@@ -4,11 +4,13 @@
 
 1. data: two synthetic CUB-200-2011 folders (`ivpt.data.synthetic`): one for IVPT, and one with a different class
    table (other attribute combinations) for pre-training the backbone, like real pre-training on other data;
-2. backbone: a small DINOv2-family ViT pre-trained (supervised) on the second set, saved as a timm .safetensors file;
+2. backbone: a small DINOv2-family ViT pre-trained on the second set (class labels plus a label-free dense objective,
+   `ivpt.pretrain`), saved as a timm .safetensors file;
 3. IVPT: `train_ivpt.py` with the recipe, the backbone frozen and loaded from that file via `--backbone_weights`
    (the path a user takes with an offline DINOv2 copy);
 4. evaluation: every metric of §6 for the trained model, the same model before IVPT training and chance;
-5. report: `<output_dir>/report/` with metrics.json, report.md and figures.
+5. report: `<output_dir>/report/` with metrics.json (with the acceptance thresholds and a k-means part probe of the
+   backbone), report.md and figures.
 
 Every step is cached under `<output_dir>` with a stamp of its inputs, so a second run only redoes what changed.
 """
