@@ -237,7 +237,8 @@ def kmeans_part_probe(
     features, keypoints = torch.cat(features), torch.cat(keypoints)  # (B, N, D), (B, P, 4)
     grid = int(features.shape[1] ** 0.5)
     clusters = KMeans(num_clusters, n_init=3, random_state=seed).fit_predict(features.flatten(0, 1).numpy())
-    maps = F.one_hot(torch.as_tensor(clusters, dtype=torch.long), num_clusters).view(len(features), grid, grid, num_clusters)
+    labels = torch.as_tensor(clusters, dtype=torch.long)
+    maps = F.one_hot(labels, num_clusters).view(len(features), grid, grid, num_clusters)
     predicted, ground_truth = keypoint_part_assignments(
         maps.permute(0, 3, 1, 2).float(), keypoints[..., 1:].double(), image_size
     )

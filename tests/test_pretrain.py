@@ -77,8 +77,8 @@ def test_pretrain_backbone_tiny_run_and_part_probe(synthetic_root, tmp_path):  #
     assert summary["num_images"] == 24 and math.isfinite(summary["dense_loss"])
     weights = load_file(out)
     assert "head.weight" not in weights and "pos_embed" in weights  # the backbone only
-    labels_only = pretrain_backbone(synthetic_root, tmp_path / "labels_only.safetensors", "vit_base_patch14_reg4_dinov2",
-                                    kwargs, image_size=32, epochs=1, batch_size=4, dense_weight=0.0,
+    labels_only = pretrain_backbone(synthetic_root, tmp_path / "labels_only.safetensors",
+                                    "vit_base_patch14_reg4_dinov2", kwargs, image_size=32, epochs=1, batch_size=4, dense_weight=0.0,
                                     cache_dir=str(tmp_path / "cache"), log=lambda _: None)
     assert labels_only["dense_loss"] is None and math.isfinite(labels_only["class_loss"])
     assert not torch.equal(load_file(tmp_path / "labels_only.safetensors")["blocks.0.attn.qkv.weight"],
