@@ -24,13 +24,20 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     report = tmp_path / "out" / "report"
     results = json.loads((report / "metrics.json").read_text())
-    assert set(results) == {"trained", "before IVPT training", "chance"}
+    assert set(results) == {"trained", "before IVPT training", "chance", "acceptance", "backbone_probe"}
+    checks = results["acceptance"]["checks"]
+    assert set(checks) == {"top1_micro", "consistency", "nmi", "ari"}
+    for key, check in checks.items():
+        assert check["met"] == (check["value"] >= check["threshold"]), key
+    assert results["acceptance"]["all_met"] == all(check["met"] for check in checks.values())
+    assert set(results["acceptance"]["unnormalised_input"]) == {"nmi", "ari"}
+    assert results["backbone_probe"]["num_clusters"] == 6 and len(results["backbone_probe"]) == 3  # blocks 2 and 4
     for name in ("trained", "before IVPT training"):
         assert {"accuracy", "consistency", "stability", "nmi", "ari", "kpr", "foreground_iou"} <= set(
             results[name]["metrics"]), name
     assert (tmp_path / "out" / "backbone" / "backbone.safetensors").exists()
     assert (tmp_path / "out" / "ivpt" / "model.safetensors").exists()
-    assert "acceptance" in (report / "report.md").read_text()
+    assert "acceptance thresholds" in (report / "report.md").read_text() and "unnormalised input" in first.stdout
     assert (report / "figures" / "explanation.png").exists() and list((report / "figures").rglob("parts_*.png"))
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]
