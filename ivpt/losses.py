@@ -112,10 +112,15 @@ def sample_equivariance_warp(
 
 
 def warp_images(pixel_values: torch.Tensor, warp: EquivarianceWarp) -> torch.Tensor:
-    """Forward warp of normalised images: bilinear, about the centre, zero fill (= the mean colour) (§3.7)."""
+    """Forward warp of normalised images: bilinear, about the centre, torchvision's default fill (§3.7).
+
+    No `fill` argument, as the release: the bilinear kernel reads zeros (the mean colour after normalisation) outside
+    the image. An explicit `fill=0` is not the same: torchvision then re-blends every pixel whose bilinear footprint
+    crosses the border with the fill colour by its in-image fraction.
+    """
     return TF.affine(
         pixel_values, angle=warp.angle, translate=list(warp.translation), scale=warp.scale, shear=[0.0, 0.0],
-        interpolation=InterpolationMode.BILINEAR, fill=0.0,
+        interpolation=InterpolationMode.BILINEAR,
     )
 
 
