@@ -25,7 +25,7 @@ from ivpt.evaluation import (
     parse_metrics,
     save_consistency_examples,
 )
-from ivpt.report import markdown_table, write_atomic
+from ivpt.report import markdown_table, parts_input_note, write_atomic
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -79,8 +79,9 @@ def main(argv=None) -> dict:
     if state.is_main_process:
         out = Path(args.output_dir)
         write_atomic(out / "metrics.json", json.dumps(result, indent=2, default=str))
+        notes = [parts_input_note(result["metrics"]["parts_input"])] if "parts_input" in result["metrics"] else []
         write_atomic(out / "report.md", f"# IVPT evaluation of {args.model_name_or_path}\n\n"
-                     + markdown_table({"this model": result["metrics"]}) + "\n")
+                     + markdown_table({"this model": result["metrics"]}) + "\n" + "".join(f"\n{n}\n" for n in notes))
         if examples and not args.no_figures:
             save_consistency_examples(model, examples, out / "figures", settings.canvas)
         print(json.dumps(result["metrics"], indent=2))

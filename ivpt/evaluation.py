@@ -6,7 +6,7 @@
 | consistency,  | box-cropped test images         | warp to image_size² + ImageNet normalisation; stability   |
 | stability     |                                 | adds N(0, 0.2²) clipped ±0.25 noise (seeded per image)    |
 | nmi_ari, kpr, | full test images (KPR fit: full | short side + centre crop, not normalised (§6.4, Q20)      |
-| fg_iou        | train images)                   | unless `normalise_parts_input`; masks: nearest            |
+| fg_iou        | train images)                   | unless `normalise_parts_input`; masks: PIL nearest        |
 
 Interpretability metrics run with deterministic routing (no Gumbel noise), as the release's evaluation script; the
 accuracy follows `sample_routing_noise` (default: the model config). Work is split across processes with
@@ -23,13 +23,12 @@ from typing import Callable, Iterator, Sequence
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from . import metrics
 from .data import load_cub
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, consistency_transform, eval_transform, parts_eval_preprocess
+from .report import parts_input_variant
 
 METRICS = ("accuracy", "consistency", "stability", "nmi_ari", "kpr", "fg_iou")
 
@@ -147,11 +146,13 @@ class _Runner:
                     "boxes": torch.tensor([x1, y1, x2 - x1, y2 - y1], dtype=torch.float64),
                     "labels": torch.tensor(row["label"]), "image_id": torch.tensor(row["image_id"])}
 
-        local = {"hits": [], "noisy_hits": [], "visible": [], "labels": [], "examples": []}
+        local = {"hits": [], "noisy_hits": [], "visible": [], "labels": [], "examples": [], "near_constant": [],
+                 "noisy_near_constant": []}
         for batch in _batches(split, preprocess, settings.batch_size, "consistency/stability"):
             points, visible = metrics.part_points_on_canvas(batch["keypoints"], batch["boxes"], settings.canvas)
             maps = self.maps(batch["pixel_values"])
             regions = metrics.prototype_regions(maps, settings.canvas, settings.half_size)
+            local["near_constant"] += metrics.near_constant_maps(maps).sum(1).tolist()
             hits = metrics.part_hits(regions, points.to(regions.device), visible.to(regions.device))
             local["hits"] += list(hits.cpu())
             local["visible"] += list(visible)
@@ -163,7 +164,9 @@ class _Runner:
                         std=settings.noise_std, clip=settings.noise_clip)[0]
                     for image, image_id in zip(batch["pixel_values"], batch["image_id"])
                 ])
-                noisy_regions = metrics.prototype_regions(self.maps(noisy), settings.canvas, settings.half_size)
+                noisy_maps = self.maps(noisy)
+                noisy_regions = metrics.prototype_regions(noisy_maps, settings.canvas, settings.half_size)
+                local["noisy_near_constant"] += metrics.near_constant_maps(noisy_maps).sum(1).tolist()
                 local["noisy_hits"] += list(
                     metrics.part_hits(noisy_regions, points.to(regions.device), visible.to(regions.device)).cpu())
             if keep_examples:
@@ -178,10 +181,14 @@ class _Runner:
         labels = torch.stack(records["labels"])
         result = {"consistency": metrics.consistency_score(hits, visible, labels, num_classes,
                                                            settings.part_threshold),
-                  "num_images": len(labels)}
+                  "num_images": len(labels),
+                  # maps whose peak is a tie (an absent prototype); counted over (image, foreground prototype)
+                  "near_constant_maps": int(sum(records["near_constant"])),
+                  "num_maps": int(hits.shape[0] * hits.shape[1])}
         if with_stability:
             result["stability"] = metrics.stability_score(hits, torch.stack(records["noisy_hits"]), labels,
                                                           num_classes)
+            result["near_constant_maps_perturbed"] = int(sum(records["noisy_near_constant"]))
         return result, records["examples"]
 
     # -- §6.4, §6.5, §6.6 ------------------------------------------------------------------------------------------
@@ -195,9 +202,7 @@ class _Runner:
             if self.settings.normalise_parts_input:
                 item["pixel_values"] = (item["pixel_values"] - mean) / std
             if with_masks:
-                mask = TF.pil_to_tensor(row["mask"].convert("L"))
-                mask = TF.resize(mask, size, interpolation=InterpolationMode.NEAREST)
-                item["mask"] = TF.center_crop(mask, [size, size])[0]
+                item["mask"] = metrics.resize_mask_like_image(row["mask"], size)
             return item
 
         local = {"predicted": [], "ground_truth": [], "features": [], "active": [], "keypoints": [],
@@ -250,8 +255,9 @@ def evaluate_interpretability(
                 _limit(cropped["test"], settings.max_images), num_classes, "stability" in metric_names,
                 keep_examples,
             )
-            result["metrics"].update({k: v for k, v in scores.items() if k != "num_images"})
+            result["metrics"].update({k: v for k, v in scores.items() if k not in ("num_images", "num_maps")})
             result["metrics"]["consistency_num_images"] = scores["num_images"]
+            result["metrics"]["consistency_num_maps"] = scores["num_maps"]
             result["examples"] = examples
         if {"nmi_ari", "kpr", "fg_iou"} & set(metric_names):
             result["metrics"].update(_parts_metrics(runner, data_dir, metric_names, settings, cache_dir))
@@ -268,7 +274,7 @@ def _parts_metrics(runner: _Runner, data_dir, metric_names, settings, cache_dir)
     if with_masks and test[0]["mask"] is None:
         raise FileNotFoundError(f"--metrics fg_iou: no segmentations/ folder or segmentations.tgz under {data_dir}")
     records = runner.parts_pass(test, "parts (test)", with_masks)
-    out = {}
+    out = {"parts_input": parts_input_variant(settings.normalise_parts_input)}
     if "nmi_ari" in metric_names:
         scores = metrics.nmi_ari(torch.cat(records["predicted"]), torch.cat(records["ground_truth"]))
         out.update(nmi=scores["nmi"], ari=scores["ari"], nmi_ari_num_keypoints=int(sum(map(len, records["predicted"]))))

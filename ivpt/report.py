@@ -22,6 +22,23 @@ ROWS = (
     ("foreground_iou", "foreground IoU %", "↑"),
     ("background_iou", "background IoU %", "↑"),
 )
+PARTS_METRICS = ("nmi", "ari", "kpr", "foreground_iou", "background_iou")
+# How the NMI / ARI / KPR / foreground-IoU images were fed to the model (`EvaluationSettings.normalise_parts_input`).
+# The published part-discovery protocol feeds unnormalised [0, 1] images although training normalises
+# (docs/method.md#quirks); every report names the variant its numbers come from.
+PARTS_INPUT_VARIANTS = {False: "unnormalised", True: "ImageNet-normalised"}
+
+
+def parts_input_variant(normalise_parts_input: bool) -> str:
+    """The name of a parts-metric input variant, as written into metrics.json (`parts_input`) and report.md."""
+    return PARTS_INPUT_VARIANTS[bool(normalise_parts_input)]
+
+
+def parts_input_note(variant: str) -> str:
+    """One report sentence naming the input variant of the parts metrics."""
+    protocol = "the published protocol" if variant == PARTS_INPUT_VARIANTS[False] else "not the published protocol"
+    return (f"NMI, ARI, keypoint regression and foreground IoU: **{variant}** input images ({protocol}; "
+            "see docs/method.md#parts-metric-input).")
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
@@ -51,7 +68,11 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
 
 
 def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLISHED) -> str:
-    """One row per metric; our columns (name -> metrics), then the published columns ("–" where not reported)."""
+    """One row per metric; our columns (name -> metrics), then the published columns ("–" where not reported).
+
+    When a column has parts metrics, a last row names its `parts_input` variant (see `parts_input_variant`).
+    """
+    variants = [values.get("parts_input") for values in columns.values()]
     columns = {name: flatten_metrics(values) for name, values in columns.items()}
     headers = ["metric", *columns, *published]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -60,4 +81,8 @@ def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLIS
         if all(cell is None for cell in cells[: len(columns)]):
             continue
         lines.append(f"| {label} {better} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    has_parts = [any(key in values for key in PARTS_METRICS) for values in columns.values()]
+    if any(has_parts):
+        cells = [(variant or "not recorded") if parts else "–" for variant, parts in zip(variants, has_parts)]
+        lines.append("| parts-metric input | " + " | ".join(cells + ["–"] * len(published)) + " |")
     return "\n".join(lines)

@@ -15,8 +15,32 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from ._checks import check_same_leading, check_shape
+
+
+def resize_mask_like_image(mask: Image.Image, image_size: int) -> torch.Tensor:
+    """A segmentation mask brought onto the evaluated image: shorter side to `image_size`, centre crop.
+
+    The PIL mask is resized exactly like the PIL image (same call, same output size) but with PIL's nearest
+    resampling, then centre-cropped with the image's offsets. Resizing the mask as a tensor instead (torch's legacy
+    "nearest", which samples at the top-left of each output pixel rather than its centre) moves a few percent of
+    the pixels of a blocky mask across the block edges.
+
+    Args:
+        mask (`PIL.Image.Image`): grey-level mask of the original image (any mode; converted to "L").
+        image_size (`int`): side of the square evaluated image.
+
+    Returns:
+        `torch.Tensor` of shape `(image_size, image_size)`, uint8.
+    """
+    if not isinstance(mask, Image.Image):
+        raise TypeError(f"Expected `mask` to be a PIL image, got {type(mask).__name__}")
+    resized = TF.resize(mask.convert("L"), image_size, interpolation=InterpolationMode.NEAREST)
+    return TF.center_crop(TF.pil_to_tensor(resized), [image_size, image_size])[0]
 
 
 def foreground_iou_counts(
