@@ -142,8 +142,17 @@ def from_tv_sample(sample: Mapping[str, Any], rows: Optional[torch.Tensor]) -> d
     return out
 
 
+def _to_unit_float() -> list[v2.Transform]:
+    """uint8 image -> float32 in [0, 1] by dividing by 255, as `ToTensor` in the release.
+
+    `v2.ToDtype(scale=True)` multiplies by 1/255 instead, which differs by one ulp for about half of the 256 levels;
+    a zero-mean `Normalize` with std 255 is exactly the division. Masks and other non-image inputs pass untouched.
+    """
+    return [v2.ToImage(), v2.ToDtype(torch.float32), v2.Normalize(mean=[0.0] * 3, std=[255.0] * 3)]
+
+
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    return [*_to_unit_float(), v2.Normalize(mean=list(mean), std=list(std))]
 
 
 def train_transform(
@@ -281,7 +290,7 @@ def parts_eval_preprocess(
     new_height, new_width = resized.height, resized.width
     top = int(round((new_height - image_size) / 2.0))
     left = int(round((new_width - image_size) / 2.0))
-    pixels = F.to_dtype(F.to_image(resized), torch.float32, scale=True)
+    pixels = F.to_image(resized).to(torch.float32) / 255  # divided, as the release's ToTensor
     pixels = F.center_crop(pixels, [image_size, image_size])  # same offsets as `top` / `left`
 
     rows[visible, 1] -= left
