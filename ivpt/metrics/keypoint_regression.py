@@ -3,6 +3,10 @@
 Per batch, `part_centroid_features` turns the maps into box-normalised part centroids and
 `box_normalised_keypoints` normalises the ground-truth keypoints the same way; concatenate them
 over the fit (train) and evaluation (test) sets and call `keypoint_regression_error` once.
+
+Every image counts, in both sets: the release's loaders drop the last partial batch (`drop_last=True`; its fit set
+is also shuffled first, so which training images are dropped is random), so its numbers rest on slightly fewer
+images.
 """
 
 from __future__ import annotations
