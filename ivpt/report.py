@@ -22,7 +22,6 @@ ROWS = (
     ("foreground_iou", "foreground IoU %", "↑"),
     ("background_iou", "background IoU %", "↑"),
 )
-PARTS_METRICS = ("nmi", "ari", "kpr", "foreground_iou", "background_iou")
 # How the NMI / ARI / KPR / foreground-IoU images were fed to the model (`EvaluationSettings.normalise_parts_input`).
 # The published part-discovery protocol feeds unnormalised [0, 1] images although training normalises
 # (docs/method.md#quirks); every report names the variant its numbers come from.
@@ -70,7 +69,8 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
 def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLISHED) -> str:
     """One row per metric; our columns (name -> metrics), then the published columns ("–" where not reported).
 
-    When a column has parts metrics, a last row names its `parts_input` variant (see `parts_input_variant`).
+    A last row names each column's `parts_input` variant (see `parts_input_variant`) when any column records one; "–"
+    for columns without one (no parts metrics, or reference values such as chance levels).
     """
     variants = [values.get("parts_input") for values in columns.values()]
     columns = {name: flatten_metrics(values) for name, values in columns.items()}
@@ -81,8 +81,7 @@ def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLIS
         if all(cell is None for cell in cells[: len(columns)]):
             continue
         lines.append(f"| {label} {better} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
-    has_parts = [any(key in values for key in PARTS_METRICS) for values in columns.values()]
-    if any(has_parts):
-        cells = [(variant or "not recorded") if parts else "–" for variant, parts in zip(variants, has_parts)]
-        lines.append("| parts-metric input | " + " | ".join(cells + ["–"] * len(published)) + " |")
+    if any(variants):
+        cells = [variant or "–" for variant in variants] + ["–"] * len(published)
+        lines.append("| parts-metric input | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -103,7 +103,8 @@ def test_report_table_names_the_parts_input_variant():
     table = markdown_table({"a": {"nmi": 10.0, "parts_input": "unnormalised"},
                             "b": {"nmi": 20.0, "parts_input": "ImageNet-normalised"}, "c": {"consistency": 1.0},
                             "d": {"nmi": 5.0}}, published={})
-    assert "| parts-metric input | unnormalised | ImageNet-normalised | – | not recorded |" in table
+    assert "| parts-metric input | unnormalised | ImageNet-normalised | – | – |" in table
+    assert "parts-metric input" not in markdown_table({"a": {"nmi": 10.0}}, published={})  # nothing recorded
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
