@@ -42,8 +42,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from ivpt import IvptConfig, IvptForImageClassification  # noqa: E402
-from ivpt.trainer import IvptTrainer, IvptTrainingArguments, ivpt_parameter_groups  # noqa: E402
-from ivpt.training_data import INDEX_COLUMN, SampleSeededTransform, build_transforms  # noqa: E402
+from ivpt.training.trainer import IvptTrainer, IvptTrainingArguments, ivpt_parameter_groups  # noqa: E402
+from ivpt.training.data import INDEX_COLUMN, SampleSeededTransform, build_transforms  # noqa: E402
 
 TINY = dict(
     backbone_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8}, image_size=64, n_pro="6,5,4",

@@ -3,9 +3,11 @@
 Ships to the Hub with the model: imports only torch, timm and transformers.
 """
 
-from dataclasses import field
+from dataclasses import field, fields
+import difflib
 from functools import lru_cache
 import json
+import warnings
 
 import timm
 import torch
@@ -27,6 +29,8 @@ def _backbone_geometry(backbone: str, backbone_kwargs_json: str, image_size: int
             model = timm.create_model(backbone, pretrained=False)
         if isinstance(model, VisionTransformer):
             raise ValueError(f"`backbone_kwargs`: timm rejected {kwargs} for {backbone!r}: {error}") from error
+    except (AssertionError, ValueError, RuntimeError, ZeroDivisionError) as error:  # timm's geometry checks
+        raise ValueError(f"`backbone_kwargs`: timm rejected {kwargs} for {backbone!r}: {error}") from error
     if not isinstance(model, VisionTransformer) or model.cls_token is None:
         raise ValueError(
             f"`backbone`: expected a timm VisionTransformer with a class token, got {type(model).__name__} "
@@ -97,6 +101,10 @@ class IvptConfig(PreTrainedConfig):
         equivariance_scale_range (`list[float]`, *optional*, defaults to `[0.8, 1.4]`):
             Scale of the equivariance warp is drawn from U(low, high).
 
+    Every field is checked when the configuration is built: a bad value raises a `ValueError` naming the field
+    (negative loss weights, `num_labels < 1`, `map_eps <= 0`, `num_heads` not dividing `embed_dim`, ...). A key that is
+    no field (a typo such as `num_lables`) is kept, as transformers does, with a `UserWarning` naming the closest field.
+
     Example:
 
     ```python
@@ -141,15 +149,37 @@ class IvptConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.id2label is None:
             kwargs.setdefault("num_labels", 200)  # CUB-200-2011
+        _warn_unknown_keys(kwargs)
+        num_labels = kwargs.get("num_labels")
+        if num_labels is not None and (not isinstance(num_labels, int) or num_labels < 1):
+            raise ValueError(f"`num_labels`: expected at least 1 class, got {num_labels!r}")
+        if not isinstance(self.backbone_kwargs, (dict, type(None))):
+            raise ValueError(f"`backbone_kwargs`: expected a dict, got {type(self.backbone_kwargs).__name__}")
         self.backbone_kwargs = dict(self.backbone_kwargs or {})
         self.n_pro = _parse_n_pro(self.n_pro)
-        self.equivariance_scale_range = [float(x) for x in self.equivariance_scale_range]
+        try:
+            self.equivariance_scale_range = [float(x) for x in self.equivariance_scale_range]
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"`equivariance_scale_range`: expected [low, high] numbers, got {self.equivariance_scale_range!r}"
+            ) from None
         super().__post_init__(**kwargs)
         self._validate()
 
     def _validate(self):
-        if not isinstance(self.image_size, int) or self.image_size <= 0:
+        if not isinstance(self.image_size, int) or isinstance(self.image_size, bool) or self.image_size <= 0:
             raise ValueError(f"`image_size`: expected a positive int, got {self.image_size!r}")
+        if self.num_labels < 1:
+            raise ValueError(f"`num_labels`: expected at least 1 class, got {self.num_labels}")
+        for name in _NON_NEGATIVE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"`{name}`: expected a number >= 0, got {value!r}")
+        for name in _POSITIVE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"`{name}`: expected a number > 0, got {value!r}")
+        _check_heads(self.backbone_kwargs)
         geometry = self.backbone_geometry
         if self.image_size % geometry["patch_size"]:
             raise ValueError(
@@ -171,8 +201,6 @@ class IvptConfig(PreTrainedConfig):
                 f"`interpretation_stage_index`: expected an index into {len(self.n_pro)} stages, got "
                 f"{self.interpretation_stage_index}"
             )
-        if self.routing_tau <= 0:
-            raise ValueError(f"`routing_tau`: expected a positive temperature, got {self.routing_tau}")
         low, high = self.equivariance_scale_range if len(self.equivariance_scale_range) == 2 else (0, -1)
         if not 0 < low <= high:
             raise ValueError(
@@ -201,14 +229,57 @@ class IvptConfig(PreTrainedConfig):
         return self.image_size // self.backbone_geometry["patch_size"]
 
 
+# Loss weights, warp ranges and the initialisation scale may be 0 (switches a term off) but never negative; the
+# temperature and the map epsilon must be strictly positive.
+_NON_NEGATIVE_FIELDS = (
+    "classification_loss_weight", "consistency_loss_weight", "presence_loss_weight", "orthogonality_loss_weight",
+    "equivariance_loss_weight", "total_variation_loss_weight", "enforced_presence_loss_weight", "entropy_loss_weight",
+    "equivariance_max_rotation", "equivariance_max_translation", "prototype_init_std",
+)
+_POSITIVE_FIELDS = ("routing_tau", "map_eps")
+
+# Keys `PreTrainedConfig` itself consumes or that every saved config.json carries.
+_BASE_KEYS = {
+    "num_labels", "auto_map", "model_type", "transformers_version", "name_or_path", "torch_dtype", "_commit_hash",
+    "output_attentions", "attn_implementation", "experts_implementation", "per_layer_config", "rope_scaling",
+    "rope_theta", "_attn_implementation_internal", "_experts_implementation_internal",
+}
+
+
+def _warn_unknown_keys(kwargs: dict) -> None:
+    """A key that is no field of `IvptConfig` (a typo such as `num_lables`) is kept, as transformers does, but warned
+    about with the closest field names."""
+    from transformers import GenerationConfig
+
+    own = {item.name for item in fields(IvptConfig)} | {"num_labels"}
+    known = own | _BASE_KEYS | set(GenerationConfig._get_default_generation_params())
+    for key in sorted(set(kwargs) - known):
+        close = difflib.get_close_matches(key, sorted(own), n=2)
+        hint = f"; did you mean {' or '.join(repr(name) for name in close)}?" if close else ""
+        warnings.warn(f"IvptConfig: unknown key {key!r} is not a field of the configuration and does nothing{hint}",
+                      UserWarning, stacklevel=4)
+
+
+def _check_heads(backbone_kwargs: dict) -> None:
+    embed_dim, num_heads = backbone_kwargs.get("embed_dim"), backbone_kwargs.get("num_heads")
+    if embed_dim is None or num_heads is None:
+        return
+    if not isinstance(num_heads, int) or num_heads < 1 or not isinstance(embed_dim, int) or embed_dim % num_heads:
+        raise ValueError(
+            f"`backbone_kwargs`: num_heads ({num_heads!r}) must be a positive int dividing embed_dim ({embed_dim!r})"
+        )
+
+
 def _parse_n_pro(n_pro) -> list[int]:
     if isinstance(n_pro, str):
         try:
             n_pro = [int(item) for item in n_pro.split(",")]
         except ValueError:
             raise ValueError(f"`n_pro`: expected comma-separated integers such as '17,14,11,8,5', got {n_pro!r}")
+    if not isinstance(n_pro, (list, tuple)):
+        raise ValueError(f"`n_pro`: expected a list of ints or a string such as '17,14,11,8,5', got {n_pro!r}")
     n_pro = list(n_pro)
-    if len(n_pro) < 2 or any(not isinstance(count, int) or count < 2 for count in n_pro):
+    if len(n_pro) < 2 or any(not isinstance(count, int) or isinstance(count, bool) or count < 2 for count in n_pro):
         raise ValueError(
             f"`n_pro`: expected at least 2 stages of at least 2 prototypes each (one is background), got {n_pro}"
         )

@@ -5,8 +5,8 @@
 1. data: two synthetic CUB-200-2011 folders (`ivpt.data.synthetic`): one for IVPT, and one with a different class
    table (other attribute combinations) for pre-training the backbone, like real pre-training on other data;
 2. backbone: a small DINOv2-family ViT pre-trained (supervised) on the second set, saved as a timm .safetensors file;
-3. IVPT: `train_ivpt.py` with the recipe, the backbone frozen and loaded from that file via `--backbone_weights`
-   (the path a user takes with an offline DINOv2 copy);
+3. IVPT: `ivpt.training.main` (what `ivpt-train` / `train_ivpt.py` run) with the recipe, the backbone frozen and
+   loaded from that file via `--backbone_weights` (the path a user takes with an offline DINOv2 copy);
 4. evaluation: every metric of §6 for the trained model, the same model before IVPT training and chance;
 5. report: `<output_dir>/report/` with metrics.json, report.md and figures.
 
@@ -20,8 +20,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "configs" / "demo.yaml"
-# Keys of the recipe's `demo:` section (the rest of the file is a train_ivpt.py recipe).
+# Keys of the recipe's `demo:` section (the rest of the file is an `ivpt-train` recipe).
 DEMO_KEYS = {"classes", "images_per_class", "data_image_size", "pretrain_epochs", "pretrain_batch_size",
              "pretrain_learning_rate", "seed"}
 
@@ -98,16 +96,17 @@ def make_backbone(out: Path, pretrain_root: Path, demo: dict, recipe: dict) -> P
 
 
 def train(out: Path, data_root: Path, weights: Path, recipe: dict) -> Path:
+    from .training import main as train_main
+
     folder = out / "ivpt"
     recipe_path = out / "train_recipe.yaml"  # the recipe without its `demo:` section
     recipe_path.write_text(yaml.safe_dump(recipe, sort_keys=False))
-    command = [sys.executable, str(REPO / "train_ivpt.py"), str(recipe_path), "--data_dir", str(data_root),
-               "--backbone_weights", str(weights), "--output_dir", str(folder), "--overwrite_output_dir", "true",
-               "--dataset_cache_dir", str(out / "cache")]
-    stamp = stamp_of(recipe=recipe, weights=weights.stat().st_mtime_ns, command=command[2:])
+    argv = [str(recipe_path), "--data_dir", str(data_root), "--backbone_weights", str(weights), "--output_dir",
+            str(folder), "--overwrite_output_dir", "true", "--dataset_cache_dir", str(out / "cache")]
+    stamp = stamp_of(recipe=recipe, weights=weights.stat().st_mtime_ns, command=argv)
     if not cached(folder, stamp):
-        log("training IVPT: " + " ".join(command[1:]))
-        subprocess.run(command, check=True, cwd=REPO)
+        log("training IVPT: ivpt-train " + " ".join(argv))
+        train_main(argv)
         mark(folder, stamp)
     return folder
 

@@ -5,7 +5,9 @@ here). Ships to the Hub: imports only torch, timm, transformers and the package'
 """
 
 from dataclasses import dataclass
+import json
 import os
+import warnings
 
 import timm
 import torch
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_ivpt import IvptConfig
 from .losses import ivpt_objective, sample_equivariance_warp, unwarp_maps, warp_images
@@ -45,8 +48,11 @@ class IvptModelOutput(ModelOutput):
 
 
 @dataclass
-class IvptImageClassifierOutput(IvptModelOutput):
+class IvptImageClassifierOutput(ModelOutput):
     """
+    Fields in the order of every transformers classifier output: `loss`, `logits` first (so `outputs[0]`,
+    `to_tuple()` and `return_dict=False` behave as usual), then the IVPT outputs.
+
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             In training mode the full IVPT objective of §3.1 (second, warped pass included); in eval mode the
@@ -55,16 +61,122 @@ class IvptImageClassifierOutput(IvptModelOutput):
             Mean of `part_logits` over the parts.
         part_logits (`torch.FloatTensor` of shape `(batch_size, num_labels, num_parts)`):
             Class scores of each foreground part.
-        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is given):
-            The unweighted loss terms (`ivpt.losses.LOSS_TERMS` in training mode, `classification` in eval mode).
         part_features, interpretation_maps, assignment_maps, projected_maps, routing_weights:
             As in [`IvptModelOutput`].
+        loss_terms (`dict[str, torch.FloatTensor]`, *optional*, returned when `labels` is given):
+            The unweighted loss terms (`ivpt.losses.LOSS_TERMS` in training mode, `classification` in eval mode).
     """
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     part_logits: torch.FloatTensor | None = None
+    part_features: torch.FloatTensor | None = None
+    interpretation_maps: torch.FloatTensor | None = None
+    assignment_maps: tuple[torch.FloatTensor, ...] | None = None
+    projected_maps: tuple[torch.FloatTensor, ...] | None = None
+    routing_weights: tuple[torch.FloatTensor, ...] | None = None
     loss_terms: dict[str, torch.FloatTensor] | None = None
+
+
+class CheckpointError(OSError):
+    """A checkpoint that cannot be loaded as it is; the message names the path or file."""
+
+
+def _looks_like_local_path(path: str) -> bool:
+    """Absolute, relative to `.`/`~`, or deeper than a Hub `namespace/name` id."""
+    return os.path.isabs(path) or path.startswith((".", "~")) or path.count("/") > 1 or "\\" in path
+
+
+def _check_checkpoint_path(path: str, subfolder: str, config_given: bool) -> None:
+    """Errors naming the path for local checkpoints that cannot load; Hub ids pass through."""
+    if os.path.isfile(path):
+        raise CheckpointError(f"{path!r} is a file; expected a checkpoint directory (config.json, model.safetensors) "
+                              "or a Hub model id")
+    if not os.path.isdir(path):
+        if _looks_like_local_path(path):
+            raise CheckpointError(f"{path!r}: no such directory")
+        return
+    path = os.path.join(path, subfolder) if subfolder else path
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path!r}: no such directory (`subfolder` {subfolder!r})")
+    config_file = os.path.join(path, "config.json")
+    if not config_given:
+        if not os.path.isfile(config_file):
+            raise CheckpointError(f"{path!r}: no config.json; not a saved IVPT checkpoint")
+        try:
+            with open(config_file, encoding="utf-8") as handle:
+                model_type = json.load(handle).get("model_type")
+        except (OSError, ValueError, AttributeError) as error:
+            raise CheckpointError(f"{config_file}: not a readable JSON object ({error})") from error
+        if model_type != IvptConfig.model_type:
+            raise CheckpointError(f"{config_file}: a {model_type!r} model, not {IvptConfig.model_type!r}")
+    from safetensors import safe_open
+
+    for name in sorted(os.listdir(path)):
+        if name.endswith(".safetensors"):
+            file = os.path.join(path, name)
+            try:
+                with safe_open(file, framework="pt"):
+                    pass
+            except Exception as error:  # safetensors raises its own SafetensorError (or OSError)
+                size = os.path.getsize(file)
+                raise CheckpointError(
+                    f"{file}: corrupt or truncated safetensors file ({size} bytes): {error}"
+                ) from error
+
+
+def check_pixel_values(pixel_values: torch.Tensor, config: IvptConfig, in_channels: int, weight_dtype: torch.dtype,
+                       training: bool) -> None:
+    """Raises a `ValueError` naming the expected `(batch_size, in_channels, image_size, image_size)` floating-point
+    input before any work; non-finite values raise in training and warn in eval.
+
+    Cost: the shape and dtype checks read metadata only; the finite check is one float32 sum over the input (a tenth of
+    the time of `isfinite(x).all()`, which writes a mask first) and one host sync per forward (skipped while
+    `torch.compile` traces, where it would break the graph).
+    """
+    size = config.image_size
+    expected = f"(batch_size, {in_channels}, {size}, {size})"
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"`pixel_values`: expected a tensor of shape {expected}, got {type(pixel_values).__name__}")
+    shape = tuple(pixel_values.shape)
+    if pixel_values.ndim != 4 or shape[0] < 1 or shape[1:] != (in_channels, size, size):
+        hint = " (add a batch dimension with `pixel_values[None]`)" if shape == (in_channels, size, size) else ""
+        raise ValueError(f"`pixel_values`: expected shape {expected}, got {shape}{hint}")
+    dtype = pixel_values.dtype
+    if not dtype.is_floating_point or dtype == torch.float64:
+        raise ValueError(
+            f"`pixel_values`: expected normalised float32/float16/bfloat16 images (the image processor's output), got "
+            f"{dtype}"
+        )
+    if dtype != weight_dtype and not torch.is_autocast_enabled(pixel_values.device.type):
+        raise ValueError(f"`pixel_values`: dtype {dtype} differs from the model's {weight_dtype}; cast the input with "
+                         f"`.to({weight_dtype})` or run under autocast")
+    if torch.compiler.is_compiling() or bool(torch.isfinite(pixel_values.sum(dtype=torch.float32))):
+        return  # one read of the input, no temporary: a NaN or infinity makes the sum non-finite
+    if bool(torch.isfinite(pixel_values).all()):
+        return  # finite values whose sum overflowed
+    message = "`pixel_values`: the input holds NaN or infinite values"
+    if training:
+        raise ValueError(message)
+    warnings.warn(f"{message}; the outputs of these images are NaN", RuntimeWarning, stacklevel=3)
+
+
+def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None:
+    """Raises a `ValueError` naming the expected `(batch_size,)` class indices in `[0, num_labels)`.
+
+    Cost: one reduction over the labels and one host sync (skipped while `torch.compile` traces).
+    """
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"`labels`: expected a tensor of shape ({batch_size},), got {type(labels).__name__}")
+    if tuple(labels.shape) != (batch_size,):
+        raise ValueError(f"`labels`: expected shape (batch_size,) = ({batch_size},), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise ValueError(f"`labels`: expected integer class indices, got {labels.dtype}")
+    if torch.compiler.is_compiling():
+        return
+    if bool(((labels < 0) | (labels >= num_labels)).any()):
+        bad = sorted({int(label) for label in labels[(labels < 0) | (labels >= num_labels)].tolist()})
+        raise ValueError(f"`labels`: expected class indices in [0, num_labels) = [0, {num_labels}), got {bad}")
 
 
 def full_precision(device: torch.device):
@@ -169,15 +281,52 @@ class IvptPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["Block", "IvptPrototypeStage", "IvptPromptStage"]
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the §4.1 freezing again: transformers 5 re-wraps every loaded tensor
-        as a Parameter with `requires_grad=True`, which would silently unfreeze the backbone."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained` with checked inputs, then the §4.1 freezing again: transformers 5 re-wraps
+        every loaded tensor as a Parameter with `requires_grad=True`, which would silently unfreeze the backbone.
+
+        Raises:
+            CheckpointError: a local path that does not exist or is a file, a folder without `config.json`, a
+                truncated, corrupt or empty `*.safetensors` file (named), or a checkpoint that lacks weights of this
+                model (e.g. the classifier: it would otherwise be initialised at random with a mere warning).
+        """
+        path = pretrained_model_name_or_path
+        if isinstance(path, (str, os.PathLike)):
+            _check_checkpoint_path(os.fspath(path), kwargs.get("subfolder") or "", kwargs.get("config") is not None)
+        wants_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        except OSError as error:
+            if isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):
+                raise CheckpointError(f"{os.fspath(path)!r}: no such directory, and no Hub model of that id could be "
+                                      f"loaded ({error})") from error
+            raise
+        except RuntimeError as error:
+            if "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise CheckpointError(
+                f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else path!r}: weight shapes differ from the "
+                "ones its configuration (config.json) defines; see the load report above"
+            ) from error
+        if info.get("missing_keys"):
+            missing = sorted(info["missing_keys"])
+            raise CheckpointError(
+                f"{os.fspath(path) if isinstance(path, (str, os.PathLike)) else path!r}: the checkpoint lacks "
+                f"{len(missing)} weight(s) of {cls.__name__}, e.g. {missing[:3]}; they would be initialised at random"
+            )
         for module in model.modules():
             if isinstance(module, IvptModel):
                 module._freeze()
-        return loaded
+        return (model, info) if wants_info else model
+
+    def save_pretrained(self, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; the saved `auto_map` also maps `AutoModel` to `IvptModel`, so that a
+        classifier checkpoint loads with `AutoModel` (trust_remote_code) where ivpt is not installed."""
+        if getattr(type(self), "_auto_class", None) is not None:
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModel", f"{IvptModel.__module__.rsplit('.', 1)[-1]}.IvptModel")
+            self.config.auto_map = auto_map
+        return super().save_pretrained(*args, **kwargs)
 
     @classmethod
     def from_backbone(cls, backbone: str = IvptConfig.backbone, backbone_weights: str | None = None, **config_kwargs):
@@ -188,16 +337,24 @@ class IvptPreTrainedModel(PreTrainedModel):
         so checkpoints of DINOv2 work offline. They are copied after `post_init`, which never touches the backbone.
         `config_kwargs` go to [`IvptConfig`].
         """
-        config = IvptConfig(backbone=backbone, **config_kwargs)
         overlay = None
         if backbone_weights is not None:
             if not os.path.isfile(backbone_weights):
                 raise FileNotFoundError(f"`backbone_weights`: no such file {backbone_weights!r}")
             overlay = dict(file=os.fspath(backbone_weights))
-        pretrained = timm.create_model(
-            backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, img_size=config.image_size,
-            **config.backbone_kwargs,
-        )
+        config = IvptConfig(backbone=backbone, **config_kwargs)
+        try:
+            pretrained = timm.create_model(
+                backbone, pretrained=True, pretrained_cfg_overlay=overlay, num_classes=0, img_size=config.image_size,
+                **config.backbone_kwargs,
+            )
+        except Exception as error:  # safetensors, torch.load and timm raise many types
+            if backbone_weights is None:
+                raise
+            raise CheckpointError(
+                f"`backbone_weights`: {backbone_weights}: cannot load as {backbone!r} weights "
+                f"({type(error).__name__}: {error})"
+            ) from error
         model = cls(config)
         base = getattr(model, cls.base_model_prefix, model)
         base.backbone.load_state_dict(pretrained.state_dict())
@@ -303,6 +460,7 @@ class IvptModel(IvptPreTrainedModel):
             return sample_routing_noise
         return self.config.gumbel_routing and (self.training or self.config.sample_routing_noise_in_eval)
 
+    @can_return_tuple
     def forward(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None, **kwargs) -> IvptModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
@@ -311,6 +469,10 @@ class IvptModel(IvptPreTrainedModel):
             Draw Gumbel noise in the routing; defaults to `config.gumbel_routing` in training mode and to
             `config.gumbel_routing and config.sample_routing_noise_in_eval` in eval mode.
         """
+        patch_projection = self.backbone.patch_embed.proj
+        check_pixel_values(
+            pixel_values, self.config, patch_projection.in_channels, patch_projection.weight.dtype, self.training
+        )
         tokens, _, raw_maps, routing_weights, projected_maps = self._encode(
             pixel_values, self._sample_noise(sample_routing_noise)
         )
@@ -363,6 +525,7 @@ class IvptForImageClassification(IvptPreTrainedModel):
             "entropy": config.entropy_loss_weight,
         }
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -379,7 +542,10 @@ class IvptForImageClassification(IvptPreTrainedModel):
         sample_routing_noise (`bool`, *optional*):
             See [`IvptModel.forward`].
         """
-        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise)
+        if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
+            # Checked before the pixels (in `self.ivpt`): both host syncs then wait for the same queued work.
+            check_labels(labels, pixel_values.shape[0], self.config.num_labels)
+        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise, return_dict=True)
         part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
         logits = part_logits.mean(-1)
         loss = loss_terms = None
@@ -412,5 +578,5 @@ class IvptForImageClassification(IvptPreTrainedModel):
             )
 
 
-__all__ = ["IvptPreTrainedModel", "IvptModel", "IvptForImageClassification", "IvptModelOutput",
+__all__ = ["CheckpointError", "IvptPreTrainedModel", "IvptModel", "IvptForImageClassification", "IvptModelOutput",
            "IvptImageClassifierOutput"]

@@ -21,7 +21,7 @@ sys.path.insert(0, REPO_ROOT)
 from ivpt import IvptForImageClassification  # noqa: E402
 from ivpt.image_processing import make_image_processor  # noqa: E402
 from ivpt.losses import LOSS_TERMS  # noqa: E402
-from ivpt.trainer import (  # noqa: E402
+from ivpt.training.trainer import (  # noqa: E402
     PARAMETER_GROUPS,
     EpochStepDecay,
     IvptTrainer,
@@ -30,7 +30,7 @@ from ivpt.trainer import (  # noqa: E402
     normalised_weight_decay,
     parameter_group_members,
 )
-from ivpt.training_data import (  # noqa: E402
+from ivpt.training.data import (  # noqa: E402
     AugmentationEpochCallback,
     DataError,
     SampleSeededTransform,
@@ -41,7 +41,7 @@ from ivpt.training_data import (  # noqa: E402
 REG_BACKBONE_KWARGS = {**TINY_BACKBONE_KWARGS, "reg_tokens": 2, "no_embed_class": True}
 TINY_FLAGS = [
     "--backbone_kwargs", json.dumps(TINY_BACKBONE_KWARGS), "--image_size", "64", "--n_pro", "6,5,4",
-    "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true",
+    "--use_cpu", "true", "--report_to", "none", "--disable_tqdm", "true", "--random_backbone", "true",
 ]
 
 
@@ -378,14 +378,14 @@ def image_folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cli_run(image_folder, tmp_path_factory):
-    import train_ivpt
+    import ivpt.training as train_ivpt
 
     output = tmp_path_factory.mktemp("cli") / "run"
     recipe = tmp_path_factory.mktemp("recipe") / "tiny.yaml"
     recipe.write_text(
         "backbone_kwargs: " + json.dumps(TINY_BACKBONE_KWARGS) + "\nimage_size: 64\nn_pro: [6, 5, 4]\n"
         "per_device_train_batch_size: 4\nlearning_rate: 1.0e-6\nsave_strategy: steps\nsave_steps: 2\n"
-        "use_cpu: true\nreport_to: none\ndisable_tqdm: true\n"
+        "use_cpu: true\nreport_to: none\ndisable_tqdm: true\nrandom_backbone: true\n"
     )
     results = train_ivpt.main(
         [str(recipe), "--dataset_name", str(image_folder), "--output_dir", str(output), "--max_steps", "2"]
@@ -413,7 +413,7 @@ def test_cli_persistent_loader_worker_trains_like_in_process(image_folder, tmp_p
     """Two epochs with one persistent loader worker end with the weights of the in-process run: the per-epoch
     augmentation seed reaches the worker. (The model's own noise is switched off: a persistent loader draws its base
     seed from the global RNG once, an in-process one at every epoch, which shifts the Gumbel/warp draws.)"""
-    import train_ivpt
+    import ivpt.training as train_ivpt
 
     flags = [
         "--dataset_name", str(image_folder), *TINY_FLAGS, "--max_steps", "8", "--per_device_train_batch_size", "4",
@@ -471,7 +471,7 @@ class FakeHub:
 def test_push_to_hub_carries_code_files_in_every_push(image_folder, tmp_path, monkeypatch):
     import transformers.trainer
 
-    import train_ivpt
+    import ivpt.training as train_ivpt
 
     hub = FakeHub(tmp_path / "hub")
     monkeypatch.setattr(transformers.trainer, "hf_api", lambda: hub)
@@ -506,7 +506,7 @@ def test_push_to_hub_carries_code_files_in_every_push(image_folder, tmp_path, mo
 
 
 def _main(argv):
-    import train_ivpt
+    import ivpt.training as train_ivpt
 
     return train_ivpt.main(argv)
 
@@ -561,7 +561,7 @@ def test_checkpoint_from_another_config(cli_run, image_folder):
     with pytest.raises(ValueError, match="another model configuration.*n_pro"):
         _main(["--dataset_name", str(image_folder), "--output_dir", str(output), "--backbone_kwargs",
                json.dumps(TINY_BACKBONE_KWARGS), "--image_size", "64", "--n_pro", "5,4,3", "--use_cpu", "true",
-               "--resume_from_checkpoint", "latest"])
+               "--random_backbone", "true", "--resume_from_checkpoint", "latest"])
     assert before == {name: os.path.getmtime(output / name) for name in os.listdir(output)}
 
 
@@ -572,7 +572,7 @@ def test_existing_run_is_not_overwritten(cli_run, image_folder):
 
 
 def test_release_recipe_parses_to_section_4_values():
-    import train_ivpt
+    import ivpt.training as train_ivpt
 
     model_args, data_args, args, _ = train_ivpt.parse_arguments(
         [os.path.join(REPO_ROOT, "configs", "cub_ivpt.yaml"), "--num_train_epochs", "1", "--data_dir", "/x"]

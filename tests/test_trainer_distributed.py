@@ -33,7 +33,7 @@ HELPER = textwrap.dedent(
     from transformers import TrainerCallback
     from conftest import tiny_config
     from ivpt import IvptForImageClassification
-    from ivpt.trainer import IvptTrainer, IvptTrainingArguments
+    from ivpt.training.trainer import IvptTrainer, IvptTrainingArguments
 
     def tensors(count, seed):
         generator = torch.Generator().manual_seed(seed)

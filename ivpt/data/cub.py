@@ -130,11 +130,19 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """Yields (1-based line number, stripped line), skipping blank lines."""
     if not path.is_file():
         raise CubFormatError(f"{path}: file not found (expected by the CUB-200-2011 layout)")
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.strip()
-            if line:
-                yield number, line
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise CubFormatError(f"{path}: cannot read the file ({error.strerror or error})") from error
+    for number, raw in enumerate(data.splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as error:
+            raise CubFormatError(
+                f"{path}, line {number}: not UTF-8 text (byte {raw[error.start]:#04x} at column {error.start + 1})"
+            ) from None
+        if line:
+            yield number, line
 
 
 def _fields(path: Path, number: int, line: str, count: int, last_is_text: bool = False) -> list[str]:
@@ -197,6 +205,16 @@ def _check_same_ids(reference: dict, reference_path: Path, other: dict, other_pa
             )
 
 
+def _check_relative_name(path: Path, number: int, name: str) -> None:
+    """An images.txt name is a relative path inside images/: no absolute path, drive, `..` part or backslash."""
+    parts = name.split("/")
+    if name.startswith("/") or re.match(r"[A-Za-z]:", name) or "\\" in name or ".." in parts or "" in parts:
+        raise CubFormatError(
+            f"{path}, line {number}: image name {name!r} must be a relative path inside images/ "
+            "(no absolute path, '..' part, backslash or empty part)"
+        )
+
+
 def read_annotations(root: str | Path) -> CubAnnotations:
     """Parses and cross-checks the text files of a CUB_200_2011 folder (§5.1).
 
@@ -250,6 +268,7 @@ def read_annotations(root: str | Path) -> CubAnnotations:
 
     annotations = CubAnnotations(root=root, class_names=class_names, part_names=part_names)
     for image_id, (line, (file_name,)) in images.items():
+        _check_relative_name(images_path, line, file_name)
         label_line, (class_text,) = labels[image_id]
         class_id = _int(labels_path, label_line, class_text, "the class id")
         if class_id not in label_of:
@@ -367,15 +386,22 @@ def _code_hash() -> str:
 
 
 def source_fingerprint(sources: CubSources, params: Optional[dict] = None, content_hash: bool = False) -> str:
-    """Cache key: every source file's relative path, size and mtime (or content hash), the builder
-    version, the builder's source code and the config parameters."""
+    """Cache key: the builder version, the builder's source code, the config parameters and every source file.
+
+    Annotation files (``*.txt``, small) always enter with their content (sha256), so an edited label is never
+    served stale even when the edit keeps size and modification time (``cp -p``, ``rsync -a``, a re-extracted
+    tar). Images, masks and archives enter with their path, size, mtime and ctime (the inode change time, which
+    no copy tool can carry over: a re-extracted or re-copied file gets a new key), or their content hash with
+    `content_hash`."""
     digest = hashlib.sha256(f"{BUILDER_VERSION}|{_code_hash()}|{sorted((params or {}).items())}".encode())
     for path in sources.files():
         stat = path.stat()
         digest.update(f"{path.name}|{path.as_posix()}|{stat.st_size}|{stat.st_mtime_ns}".encode())
-        if content_hash:
+        if content_hash or path.suffix == ".txt":
             with path.open("rb") as handle:
                 digest.update(hashlib.file_digest(handle, "sha256").digest())
+        else:
+            digest.update(f"|{stat.st_ctime_ns}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -417,6 +443,8 @@ def _read_rgb(path: Path, record: CubRecord, images_txt: Path) -> tuple[Image.Im
         data = path.read_bytes()
     except FileNotFoundError:
         raise CubFormatError(f"{where}: image file not found") from None
+    except OSError as error:  # a folder, a link loop, no permission...
+        raise CubFormatError(f"{where}: cannot read the image file ({error.strerror or error})") from None
     previous, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False  # never accept truncation
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -594,6 +622,12 @@ class Cub200(datasets.GeneratorBasedBuilder):
         self.info.features = self._features(annotations)
         common = {"root": str(root), "segmentations": str(seg) if seg is not None else None}
         splits = [("train", True)] if self.config.name == "cropped_augmented" else [("train", True), ("test", False)]
+        for name, is_train in splits:
+            if not annotations.split(is_train):
+                raise CubFormatError(
+                    f"{root / 'train_test_split.txt'}: no image has is_train={int(is_train)}, so split {name!r} would "
+                    "be empty"
+                )
         return [
             datasets.SplitGenerator(name=name, gen_kwargs={"records": annotations.split(is_train), **common})
             for name, is_train in splits
@@ -716,11 +750,15 @@ def load_cub(
         seed: seed of the offline augmentation.
         augmentation_passes: passes per augmentation pipeline (§5.4: 10).
         num_proc: processes used to build.
-        content_hash: key the cache on file contents (sha256) instead of size + mtime.
+        content_hash: also key the images and archives on their contents (sha256) instead of size,
+            mtime and ctime (annotation files are always keyed on their contents).
 
-    The cache folder is keyed on every source file (size + mtime, or content hash), the builder
+    The cache folder is keyed on every source file (see `source_fingerprint`), the builder
     version and source code, and the arguments above, so changed data or code never serve stale
-    data. Works offline (``HF_DATASETS_OFFLINE=1``).
+    data. A failed build leaves nothing in the cache. Old builds are never pruned automatically
+    (two data folders may share one cache): each build is one folder
+    ``<cache_dir>/cub/<config>-*/<version>/<key>``; delete the ones you no longer need.
+    Works offline (``HF_DATASETS_OFFLINE=1``).
 
     Raises:
         CubFormatError: malformed or inconsistent sources (message names the file and line).
@@ -728,6 +766,8 @@ def load_cub(
     """
     if config not in CONFIG_NAMES:
         raise ValueError(f"Expected config in {CONFIG_NAMES}, got {config!r}")
+    if not isinstance(augmentation_passes, int) or augmentation_passes < 1:
+        raise ValueError(f"Expected augmentation_passes >= 1, got {augmentation_passes!r}")
     sources = resolve_sources(data_dir, segmentations)
     params = {"config": config, "seed": seed, "passes": augmentation_passes, "masks": sources.segmentations is not None}
     fingerprint = source_fingerprint(sources, params, content_hash=content_hash)
@@ -742,12 +782,35 @@ def load_cub(
     )
     try:
         builder.download_and_prepare(num_proc=num_proc)
-    except datasets.exceptions.DatasetGenerationError as error:
+        return builder.as_dataset()
+    except BaseException as error:
+        _discard_failed_build(builder)
         cause = error.__cause__
-        if isinstance(cause, CubFormatError):
+        if isinstance(error, datasets.exceptions.DatasetGenerationError) and isinstance(cause, CubFormatError):
             raise CubFormatError(str(cause)) from error
         raise
-    return builder.as_dataset()
+
+
+def _discard_failed_build(builder: Cub200) -> None:
+    """Removes what a failed build left in the cache: its folder (normally already gone), its lock files and the
+    folders that are empty without them, so that the cache holds no trace of it."""
+    build_dir = Path(builder._cache_dir)  # <cache>/cub/<config>-<config hash>/<version>/<source hash>
+    cache_root = Path(builder._cache_dir_root)
+    shutil.rmtree(build_dir, ignore_errors=True)
+    leftovers = [*build_dir.parent.glob(f"{build_dir.name}.*"), *build_dir.parent.glob(f"{build_dir.name}_*")]
+    leftovers += cache_root.glob(f"*{build_dir.name}.lock")
+    for path in leftovers:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    for parent in build_dir.parents:
+        if parent == cache_root or cache_root not in parent.parents:
+            break
+        try:
+            parent.rmdir()  # only when empty
+        except OSError:
+            break
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,7 +829,17 @@ def export_image_folders(dataset: datasets.DatasetDict, config: str, out_dir: st
     Image bytes are written as stored (no re-encoding). Returns `out_dir`.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--export: {out_dir} exists and is not a folder")
     folder = {"cropped": "{split}_cropped", "cropped_augmented": "{split}_cropped_augmented", "full": "{split}"}[config]
+    inside = out_dir.resolve()
+    names = {split: ds.select_columns(["file_name"])["file_name"] for split, ds in dataset.items()}
+    for split, file_names in names.items():  # every target checked before anything is written
+        for name in file_names:
+            resolved = (out_dir / folder.format(split=split) / name).resolve()
+            if inside not in resolved.parents:
+                raise CubFormatError(f"--export: file_name {name!r} of split {split!r} would be written to {resolved}, "
+                                     f"outside the export folder {inside}")
     for split, ds in dataset.items():
         ds = ds.cast_column("image", datasets.Image(decode=False)).select_columns(["image", "file_name"])
         target = out_dir / folder.format(split=split)
@@ -795,6 +868,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     segmentations = False if args.no_segmentations else args.segmentations
+    try:
+        _build_and_export(args, segmentations)
+    except (CubFormatError, FileNotFoundError, NotADirectoryError) as error:
+        parser.error(str(error))  # one line and exit status 2, no traceback
+
+
+def _build_and_export(args: argparse.Namespace, segmentations: Optional[str | bool]) -> None:
+    if args.export and Path(args.export).exists() and not Path(args.export).is_dir():
+        raise NotADirectoryError(f"--export: {args.export} exists and is not a folder")
     dataset = load_cub(args.data_dir, args.config, args.cache_dir, segmentations, args.seed, num_proc=args.num_proc)
     print(dataset)
     if args.export:

@@ -40,9 +40,9 @@ from torch import nn
 from transformers import EvalPrediction, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from .image_processing import make_image_processor
-from .metrics import classification_accuracies
-from .modeling_ivpt import IvptForImageClassification
+from ..image_processing import make_image_processor
+from ..metrics import classification_accuracies
+from ..modeling_ivpt import IvptForImageClassification
 
 PARAMETER_GROUPS = ("backbone_decay", "backbone_no_decay", "finer", "modulation", "scratch")
 """Names of the five optimizer groups, in the order of §4.1."""
@@ -102,6 +102,10 @@ class IvptTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Allow training into an `output_dir` that already holds checkpoints without resuming."},
     )
+    do_train: bool = field(
+        default=True,
+        metadata={"help": "False: evaluation-only run of `--model_name_or_path` on `--test_split` (eval_results.json)."},
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -111,6 +115,26 @@ class IvptTrainingArguments(TrainingArguments):
             raise ValueError(f"`lr_decay_epochs`: expected a positive number of epochs, got {self.lr_decay_epochs}")
         if not 0 < self.lr_decay_rate <= 1:
             raise ValueError(f"`lr_decay_rate`: expected a factor in (0, 1], got {self.lr_decay_rate}")
+
+    # The Trainer pickles its arguments into every checkpoint (`training_args.bin`) and pushes that file: the pickled
+    # form never carries the Hub token. Copies made in the process keep it (it is needed for the pushes).
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["hub_token"] = None
+        return state
+
+    def __copy__(self):
+        copied = object.__new__(type(self))
+        copied.__dict__.update(self.__dict__)
+        return copied
+
+    def __deepcopy__(self, memo):
+        import copy
+
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return copied
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -305,10 +329,11 @@ def _format(value: Any) -> str:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    """Writes `text` to `path` through a temporary file and a rename."""
+    """Writes `text` to `path` (mode 0644) through a temporary file and a rename."""
     temporary = f"{path}.tmp-{os.getpid()}"
     with open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
+    os.chmod(temporary, 0o644)
     os.replace(temporary, path)
 
 
@@ -466,6 +491,19 @@ class IvptTrainer(Trainer):
         if any(key.startswith("eval_") for key in logs):
             self.card_metrics.update({key: value for key, value in logs.items() if key.startswith("eval_")})
 
+    # ---- data ---------------------------------------------------------------------------------------------------
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False,
+                        dataloader_key=None):
+        """`dataloader_drop_last` applies to training batches only: evaluation counts every sample."""
+        if is_training or not self.args.dataloader_drop_last:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        self.args.dataloader_drop_last = False
+        try:
+            return super()._get_dataloader(dataset, description, batch_size, sampler_fn, is_training, dataloader_key)
+        finally:
+            self.args.dataloader_drop_last = True
+
     # ---- per-step bookkeeping, made cheap ---------------------------------------------------------------------
 
     def _clip_grad_norm(self, model):
@@ -494,6 +532,10 @@ class IvptTrainer(Trainer):
         super()._save(output_dir, state_dict=state_dict)
         if self.args.should_save:
             self.write_model_card(output_dir)
+            for name in os.listdir(output_dir):  # safetensors writes 0600 files: make the saved model readable
+                path = os.path.join(output_dir, name)
+                if os.path.isfile(path):
+                    os.chmod(path, 0o644)
 
     def write_model_card(self, output_dir: str, metrics: dict[str, Any] | None = None) -> None:
         """Writes `README.md` (recipe + `metrics`, or the latest evaluation metrics) into `output_dir`."""

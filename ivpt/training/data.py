@@ -1,8 +1,8 @@
-"""Training-time data plumbing for `train_ivpt.py` and `IvptTrainer` (spec §4.5, §5.2).
+"""Training-time data plumbing of the training workflow (`ivpt.training.run`) and `IvptTrainer`.
 
-* `load_image_classification_data` — CUB through the `ivpt.data` builder (`data_dir`) or any `datasets`
-  image-classification dataset / imagefolder directory (`dataset_name`), validated: splits exist, the image and label
-  columns exist, labels lie in `[0, num_labels)`;
+* `load_raw_dataset` / `prepare_splits` — CUB through the `ivpt.data` builder (`data_dir`) or any `datasets`
+  image-classification dataset / imagefolder directory (`dataset_name`, `load_dataset_by_name`), validated: splits
+  exist, the image and label columns exist, labels lie in `[0, num_labels)`;
 * `SampleSeededTransform` — the §4.5 transforms applied on the fly (`Dataset.with_transform`), where every random
   augmentation draws from a generator seeded by `(seed, epoch, sample index)`. The augmentation of a sample therefore
   does not depend on the process that loads it, the number of loader workers, or where a resumed run restarts, which
@@ -24,10 +24,12 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
+from .errors import TrainingError
+
 INDEX_COLUMN = "__sample_index__"
 
 
-class DataError(ValueError):
+class DataError(TrainingError):
     """Bad training data: the message names the dataset, split, column or value at fault."""
 
 
@@ -51,28 +53,41 @@ def load_raw_dataset(
     cub_config: str = "full",
     cache_dir: str | None = None,
 ) -> tuple[datasets.DatasetDict, str]:
-    """Loads the data source without validating it; returns the `DatasetDict` and a description naming the source."""
+    """Loads the data source without validating it; returns the `DatasetDict` and a description naming the source
+    (by its name, never by an absolute local path: the description goes into model cards)."""
     if (data_dir is None) == (dataset_name is None):
         raise DataError("Expected exactly one of `--data_dir` (CUB layout) and `--dataset_name`, got "
                         f"data_dir={data_dir!r}, dataset_name={dataset_name!r}")
     if data_dir is not None:
         if not os.path.exists(data_dir):
-            raise FileNotFoundError(f"`--data_dir`: no such file or directory {data_dir!r}")
-        from .data import load_cub
+            raise DataError(f"`--data_dir`: no such file or directory {data_dir!r}")
+        from ..data import load_cub
 
-        return load_cub(data_dir, config=cub_config, cache_dir=cache_dir), f"CUB at {data_dir!r}"
-    if os.path.isdir(dataset_name):
-        loaded = datasets.load_dataset("imagefolder", data_dir=dataset_name, cache_dir=cache_dir)
-        return loaded, f"imagefolder {dataset_name!r}"
-    if os.path.exists(dataset_name):
-        raise DataError(f"`--dataset_name`: {dataset_name!r} is a file; expected a directory or a dataset id")
+        return load_cub(data_dir, config=cub_config, cache_dir=cache_dir), f"CUB {_name_of(data_dir)!r}"
+    return load_dataset_by_name(dataset_name, dataset_config_name, cache_dir)
+
+
+def load_dataset_by_name(
+    name: str, config_name: str | None = None, cache_dir: str | None = None
+) -> tuple[datasets.DatasetDict, str]:
+    """`--dataset_name`: a `datasets` Hub id or a local imagefolder directory, as a `DatasetDict` with named splits,
+    and a description naming it. The one place where the training workflow loads a dataset by name."""
+    if os.path.isdir(name):
+        loaded = datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir)
+        return loaded, f"imagefolder {_name_of(name)!r}"
+    if os.path.exists(name):
+        raise DataError(f"`--dataset_name`: {name!r} is a file; expected a directory or a dataset id")
     try:
-        loaded = datasets.load_dataset(dataset_name, dataset_config_name, cache_dir=cache_dir)
+        loaded = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
     except Exception as error:  # the datasets error types vary between hub, local and offline failures
-        raise DataError(f"`--dataset_name`: cannot load {dataset_name!r}: {error}") from error
+        raise DataError(f"`--dataset_name`: cannot load {name!r}: {error}") from error
     if not isinstance(loaded, datasets.DatasetDict):
         raise DataError(f"`--dataset_name`: expected a dataset with named splits, got {type(loaded).__name__}")
-    return loaded, f"dataset {dataset_name!r}"
+    return loaded, f"dataset {name!r}"
+
+
+def _name_of(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
 
 
 def prepare_splits(
@@ -220,7 +235,7 @@ class AugmentationEpochCallback(TrainerCallback):
 
 def build_transforms(image_size: int, augmentation: str = "cub_original"):
     """(train, test) torchvision v2 pipelines of §4.5; `augmentation="none"` trains on the test pipeline."""
-    from .data.transforms import eval_transform, train_transform
+    from ..data.transforms import eval_transform, train_transform
 
     if augmentation not in ("cub_original", "none"):
         raise DataError(f"`--augmentation`: expected 'cub_original' or 'none', got {augmentation!r}")
@@ -235,6 +250,7 @@ __all__ = [
     "INDEX_COLUMN",
     "SampleSeededTransform",
     "build_transforms",
+    "load_dataset_by_name",
     "load_raw_dataset",
     "prepare_splits",
 ]
