@@ -7,7 +7,10 @@ STAMP := $(VENV)/.installed
 # torch/torchvision are installed first at the versions this workplace carries on disk.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test demo bench install clean
+# tests/test_app.py drives the explanation app in Debian's Chromium through its matching driver (no browser download).
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: test demo bench install browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,7 +21,12 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		($(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq chromium chromium-driver)
+
+test: $(STAMP) browser
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 demo: $(STAMP)

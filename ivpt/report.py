@@ -66,8 +66,9 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
     return flat
 
 
-def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLISHED) -> str:
-    """One row per metric; our columns (name -> metrics), then the published columns ("–" where not reported).
+def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLISHED, rows=ROWS) -> str:
+    """One row per metric of `rows` ((key, label, better) triples); our columns (name -> metrics), then the published
+    columns ("–" where not reported).
 
     A last row names each column's `parts_input` variant (see `parts_input_variant`) when any column records one; "–"
     for columns without one (no parts metrics, or reference values such as chance levels).
@@ -76,7 +77,7 @@ def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLIS
     columns = {name: flatten_metrics(values) for name, values in columns.items()}
     headers = ["metric", *columns, *published]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    for key, label, better in ROWS:
+    for key, label, better in rows:
         cells = [columns[name].get(key) for name in columns] + [published[name].get(key) for name in published]
         if all(cell is None for cell in cells[: len(columns)]):
             continue

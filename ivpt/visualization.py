@@ -51,6 +51,7 @@ __all__ = [
     "hierarchy_cells",
     "hierarchy_figure",
     "save_hierarchy_figures",
+    "save_hierarchy_gallery",
     "save_consistency_figures",
     "Explanation",
     "explain",
@@ -572,6 +573,19 @@ def hierarchy_cells(
     return cells
 
 
+def _wrapped(text: str, width_px: float, fontsize: float) -> list[str]:
+    """`text` wrapped to lines that fit `width_px` pixels at `fontsize` points and 100 dpi (DejaVu Sans averages
+    under 0.62 em per character)."""
+    import textwrap
+
+    characters = max(3, int(width_px / (0.62 * fontsize * 100 / 72)))
+    return textwrap.wrap(text, characters, break_long_words=True, break_on_hyphens=False) or [""]
+
+
+def _line_px(fontsize: float) -> float:
+    return 1.25 * fontsize * 100 / 72
+
+
 def hierarchy_figure(
     image: np.ndarray,
     labels: Sequence[np.ndarray],
@@ -583,11 +597,14 @@ def hierarchy_figure(
     title: str | None = None,
     column_titles: Sequence[str] | None = None,
     show_input: bool = False,
+    fontsize: float = 8.0,
 ):
     """The multi-row hierarchy figure of one image (ALGORITHM.md §7.2 step 4), K columns instead of a fixed 10.
 
     Row `s` (named `names[s]`) and column `k` show the image with the pixels of [`hierarchy_cells`] coloured by their
-    prototype index (categorical palette, alpha `alpha`); other pixels are left as the plain image.
+    prototype index (categorical palette, alpha `alpha`); other pixels are left as the plain image. Column headers sit
+    in a band above the cells and row names in a band to their left, both wrapped to the cell size, so no text covers
+    an image or is clipped, whatever the cell size or the length of the names.
 
     Args:
         image (`np.ndarray` of shape `(height, width, 3)`): float image in [0, 1].
@@ -597,13 +614,14 @@ def hierarchy_figure(
         num_parts (`int`): K, the number of columns.
         alpha (`float`, defaults to 0.5): colour opacity.
         cell_size (`int`, defaults to 128): pixels per cell at the figure's 100 dpi.
-        title (`str`, *optional*): figure title.
+        title (`str`, *optional*): figure title (wrapped to the figure width).
         column_titles (`Sequence[str]`, *optional*): K column titles, default `part <k>`.
         show_input (`bool`, defaults to `False`): add a first column with the plain input image in the first row.
+        fontsize (`float`, defaults to 8): text size in points.
 
     Returns:
-        A `matplotlib.figure.Figure` (no `pyplot` state) of `(K [+1]) * cell_size` by `(S + 1) * cell_size` pixels plus
-        a title band when `title` is given.
+        A `matplotlib.figure.Figure` (no `pyplot` state) of `left + (K [+1]) * cell_size` by
+        `top + (S + 1) * cell_size` pixels, where `left` and `top` are the row-name and header (+ title) bands.
     """
     from matplotlib.figure import Figure
 
@@ -615,35 +633,44 @@ def hierarchy_figure(
         raise ValueError(f"Expected `column_titles` with {num_parts} entries, got {len(column_titles)}")
     offset = int(show_input)
     rows, cols = len(labels), num_parts + offset
-    dpi, inch = 100, cell_size / 100
-    header = 0.4 if title else 0.0
-    figure = Figure(figsize=(cols * inch, rows * inch + header), dpi=dpi)
-    grid = figure.add_gridspec(rows, cols, left=0, right=1, bottom=0, top=1 - header / (rows * inch + header),
-                               wspace=0.02, hspace=0.02)
+    gap, margin = 2, 4
+    headers = (["input"] if show_input else []) + column_titles
+    header_lines = [_wrapped(text, cell_size - 2 * margin, fontsize) for text in headers]
+    row_lines = [_wrapped(str(name), cell_size - 2 * margin, fontsize) for name in names]
+    line = _line_px(fontsize)
+    header_px = int(np.ceil(max(len(lines) for lines in header_lines) * line + 2 * margin))
+    left_px = int(np.ceil(max(len(lines) for lines in row_lines) * line + 2 * margin))
+    width_px = left_px + cols * cell_size
+    title_lines = _wrapped(title, width_px - 2 * margin, fontsize + 2) if title else []
+    title_px = int(np.ceil(len(title_lines) * _line_px(fontsize + 2) + 2 * margin)) if title else 0
+    height_px = title_px + header_px + rows * cell_size
+    figure = Figure(figsize=(width_px / 100, height_px / 100), dpi=100)
+
+    def place(x: float, y: float, w: float, h: float):  # pixel box (x from the left, y from the top) -> axes
+        return figure.add_axes((x / width_px, 1 - (y + h) / height_px, w / width_px, h / height_px))
+
+    top = title_px + header_px
     for s, label_map in enumerate(labels):
         colours = categorical_palette(int(label_map.max()) + 1)
         for column in range(cols):
-            axis = figure.add_subplot(grid[s, column])
-            axis.set_xticks([])
-            axis.set_yticks([])
-            for spine in axis.spines.values():
-                spine.set_visible(False)
-            if column == 0:
-                axis.set_ylabel(names[s], fontsize=8, labelpad=-14, color="white",
-                                bbox={"facecolor": "black", "alpha": 0.5, "pad": 1})
-            if column < offset:
-                if s == 0:
-                    axis.imshow(image)
-                    axis.set_title("input", fontsize=8, pad=-10, color="white",
-                                   bbox={"facecolor": "black", "alpha": 0.5, "pad": 1})
+            if column < offset and s > 0:
                 continue
-            k = column - offset
-            axis.imshow(_blend(image, label_map, colours, alpha, cells[s][k]))
-            if s == 0:
-                axis.set_title(column_titles[k], fontsize=8, pad=-10, color="white",
-                               bbox={"facecolor": "black", "alpha": 0.5, "pad": 1})
+            axis = place(left_px + column * cell_size + gap / 2, top + s * cell_size + gap / 2, cell_size - gap,
+                         cell_size - gap)
+            axis.set_axis_off()
+            if column < offset:
+                axis.imshow(image)
+            else:
+                k = column - offset
+                axis.imshow(_blend(image, label_map, colours, alpha, cells[s][k]))
+        figure.text(left_px / 2 / width_px, 1 - (top + (s + 0.5) * cell_size) / height_px, "\n".join(row_lines[s]),
+                    rotation=90, ha="center", va="center", fontsize=fontsize, multialignment="center")
+    for column, lines in enumerate(header_lines):
+        figure.text((left_px + (column + 0.5) * cell_size) / width_px, 1 - (title_px + header_px / 2) / height_px,
+                    "\n".join(lines), ha="center", va="center", fontsize=fontsize, multialignment="center")
     if title:
-        figure.suptitle(title, fontsize=10, y=1 - 0.05 * header / (rows * inch + header))
+        figure.text(0.5, 1 - title_px / 2 / height_px, "\n".join(title_lines), ha="center", va="center",
+                    fontsize=fontsize + 2, multialignment="center")
     return figure
 
 
@@ -655,6 +682,8 @@ def save_hierarchy_figures(
     names: Sequence[str],
     size: int = 256,
     cell_size: int = 128,
+    titles: Sequence[str] | None = None,
+    show_input: bool = False,
 ) -> list[Path]:
     """Write the multi-row hierarchy figure of every image of a batch (ALGORITHM.md §7.2 step 4).
 
@@ -666,9 +695,12 @@ def save_hierarchy_figures(
         names (`Sequence[str]`): the `S + 1` stage names.
         size (`int`, defaults to 256): resolution at which maps are arg-maxed and images drawn.
         cell_size (`int`, defaults to 128): pixels per figure cell.
+        titles (`Sequence[str]`, *optional*): one figure title per image.
+        show_input (`bool`, defaults to `False`): add the plain input image as a first column.
 
     Returns:
-        The written paths, one per image; each PNG is `K * cell_size` by `(S + 1) * cell_size` pixels.
+        The written paths, one per image; each PNG is `K [+1]` cells wide and `S + 1` cells high plus the header and
+        row-name bands of [`hierarchy_figure`].
     """
     _check_images(images)
     stages = _as_stage_tuple(assignment_maps)
@@ -680,9 +712,69 @@ def save_hierarchy_figures(
     written = []
     for b in range(len(resized)):
         figure = hierarchy_figure(
-            resized[b], [stage[b] for stage in labels], parents, names, num_parts, cell_size=cell_size
+            resized[b], [stage[b] for stage in labels], parents, names, num_parts, cell_size=cell_size,
+            title=titles[b] if titles is not None else None, show_input=show_input,
         )
         written.append(_atomic_save(figure, f"{os.fspath(out_path)}_{b}.png"))
+    return written
+
+
+def save_hierarchy_gallery(
+    model,
+    dataset,
+    out_dir: str | os.PathLike,
+    num_images: int = 4,
+    device: str | torch.device = "cpu",
+    threshold: float = 0.5,
+    cell_size: int = 128,
+) -> list[Path]:
+    """The hierarchical prototype gallery of the paper for the first `num_images` rows of a dataset, in one call.
+
+    The images (column `image`, labels from `label` when present) are preprocessed like the classification
+    evaluation, the prototype -> part relation is averaged over them ([`relation_matrices`]), every intermediate
+    prototype gets its parent part ([`prototype_parents`], strength above `threshold`), and one multi-row figure per
+    image is written to `<out_dir>/hierarchy_<i>.png`, with the input image, the true and predicted class as title
+    and the predicted class's part scores as column headers.
+
+    Returns:
+        The written paths.
+    """
+    from .data.transforms import eval_transform
+
+    if num_images < 1:
+        raise ValueError(f"Expected `num_images` >= 1, got {num_images}")
+    rows = [dataset[i] for i in range(min(num_images, len(dataset)))]
+    if not rows:
+        raise ValueError("Expected a dataset with at least one row, got an empty one")
+    transform = eval_transform(model.config.image_size)
+    pixel_values = torch.stack([transform(row["image"].convert("RGB")) for row in rows])
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            outputs = model(pixel_values.to(device))
+    finally:
+        model.train(was_training)
+    parents = prototype_parents(relation_matrices([outputs.routing_weights]), threshold=threshold)
+    id2label = model.config.id2label or {}
+    label_feature = getattr(dataset, "features", {}).get("label")
+    true_names = getattr(label_feature, "names", None)
+    predicted = outputs.logits.argmax(-1).tolist()
+    scores = outputs.part_logits.float().cpu()
+    out_dir = Path(out_dir)
+    written = []
+    for i, row in enumerate(rows):
+        truth = ""
+        if row.get("label") is not None:
+            truth = f"true: {true_names[row['label']] if true_names else id2label.get(int(row['label']), row['label'])} · "
+        title = f"{truth}predicted: {id2label.get(predicted[i], predicted[i])}"
+        column_titles = [f"part {k}: {v:.2f}" for k, v in enumerate(scores[i, predicted[i]].tolist())]
+        labels = [label_maps(maps[i : i + 1].float().cpu(), model.config.image_size).numpy()[0]
+                  for maps in outputs.assignment_maps]
+        image = denormalise(pixel_values[i : i + 1])[0].clamp(0, 1).permute(1, 2, 0).numpy()
+        figure = hierarchy_figure(image, labels, parents, stage_names(model.config), len(column_titles),
+                                  cell_size=cell_size, title=title, column_titles=column_titles, show_input=True)
+        written.append(_atomic_save(figure, out_dir / f"hierarchy_{i}.png"))
     return written
 
 

@@ -836,7 +836,7 @@ EVAL_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, OSError, Syste
 def _eval_argv(ctx, *flags, model=None):
     return ["--model_name_or_path", str(model or ctx.env.checkpoint), "--data_dir", str(ctx.env.cub),
             "--output_dir", str(ctx.out), "--cache_dir", str(ctx.env.cub_cache), "--device", "cpu",
-            "--metrics", "accuracy", "--no_figures", *flags]
+            "--metrics", "accuracy", "--figures", "none", *flags]
 
 
 def _eval_case(name, flags, *culprits, xfail=None, watched=("out_root",)):
@@ -845,23 +845,23 @@ def _eval_case(name, flags, *culprits, xfail=None, watched=("out_root",)):
         script_main("evaluate_interpretability")(_eval_argv(ctx, *flags(ctx) if callable(flags) else flags))
 
 
-_eval_case("batch_size_zero", ["--batch_size", "0"], "--batch_size", xfail=H13)
-_eval_case("batch_size_negative", ["--batch_size", "-4"], "--batch_size", xfail=H13)
-_eval_case("max_images_zero", ["--max_images", "0"], "--max_images", xfail=H13)
-_eval_case("max_images_negative", ["--max_images", "-1"], "--max_images", xfail=H13)
-_eval_case("stage_index_too_high", ["--stage_index", "5"], "--stage_index", xfail=H13)
-_eval_case("stage_index_too_low", ["--stage_index", "-9"], "--stage_index", xfail=H13)
+_eval_case("batch_size_zero", ["--batch_size", "0"], "--batch_size")
+_eval_case("batch_size_negative", ["--batch_size", "-4"], "--batch_size")
+_eval_case("max_images_zero", ["--max_images", "0"], "--max_images")
+_eval_case("max_images_negative", ["--max_images", "-1"], "--max_images")
+_eval_case("stage_index_too_high", ["--stage_index", "5"], "--stage_index")
+_eval_case("stage_index_too_low", ["--stage_index", "-9"], "--stage_index")
 _eval_case("metrics_unknown", ["--metrics", "accuracy,bogus"], "--metrics", "bogus")
 _eval_case("metrics_empty", ["--metrics", ","], "--metrics")
 _eval_case("routing_noise_unknown", ["--routing_noise", "maybe"], "--routing_noise", "maybe")
 _eval_case("batch_size_not_int", ["--batch_size", "eight"], "--batch_size", "eight")
 _eval_case("data_dir_missing", ["--data_dir", "/nonexistent/cub"], "--data_dir", "/nonexistent/cub")
 _eval_case("model_missing", ["--model_name_or_path", "/nonexistent/model"], "/nonexistent/model",
-           "no such directory", xfail=H13)
-_eval_case("device_unknown", ["--device", "tpu9"], "--device", "tpu9", xfail=H13)
-_eval_case("half_size_zero", ["--half_size", "0", "--metrics", "consistency"], "--half_size", xfail=H13)
-_eval_case("mask_threshold_above_one", ["--mask_threshold", "1.5", "--metrics", "fg_iou"], "--mask_threshold",
-           xfail=H13)
+           "no such directory")
+_eval_case("device_unknown", ["--device", "tpu9"], "--device", "tpu9")
+_eval_case("device_absent", ["--device", "cuda:7"], "--device", "cuda:7")
+_eval_case("half_size_negative", ["--half_size", "-1", "--metrics", "consistency"], "--half_size", "-1")
+_eval_case("mask_threshold_above_one", ["--mask_threshold", "1.5", "--metrics", "fg_iou"], "--mask_threshold")
 
 
 @case("evaluate_cli", "data_dir_empty", EVAL_ERRORS, "no CUB-200-2011 data", watched=("out_root",))
@@ -869,13 +869,13 @@ def _(ctx):
     script_main("evaluate_interpretability")(_eval_argv(ctx, "--data_dir", str(ctx.work)))
 
 
-@case("evaluate_cli", "output_dir_is_a_file", EVAL_ERRORS, "--output_dir", watched=("out_root",), xfail=H13,
+@case("evaluate_cli", "output_dir_is_a_file", EVAL_ERRORS, "--output_dir", watched=("out_root",),
       setup=_output_dir_is_a_file)
 def _(ctx):
     script_main("evaluate_interpretability")(_eval_argv(ctx))
 
 
-@case("evaluate_cli", "classes_differ_from_data", EVAL_ERRORS, "classes", watched=("out_root",), xfail=H13)
+@case("evaluate_cli", "classes_differ_from_data", EVAL_ERRORS, "classes", watched=("out_root",))
 def _(ctx):
     torch.manual_seed(0)
     IvptForImageClassification(tiny_config(num_labels=NUM_CLASSES + 4)).save_pretrained(ctx.work / "other")
@@ -890,7 +890,7 @@ def _(ctx):
     script_main("evaluate_interpretability")(_eval_argv(ctx, model=path))
 
 
-@case("evaluate_cli", "model_of_another_type", EVAL_ERRORS, "model_type", watched=("out_root",), xfail=H13)
+@case("evaluate_cli", "model_of_another_type", EVAL_ERRORS, "model_type", watched=("out_root",))
 def _(ctx):
     path = checkpoint_copy(ctx)
     _edit_config(model_type="vit")(path)

@@ -1,4 +1,5 @@
-"""Data: CUB-200-2011 builder and loader, synthetic CUB generator, IVPT transforms (spec §4.5, §5, §6).
+"""Data: builders for CUB-200-2011, NABirds, Oxford Flowers-102 and PartImageNet, `load_any_dataset` (Hub ids, parquet
+/ save_to_disk / imagefolder folders, official layouts), the synthetic CUB generator and the IVPT transforms.
 
 Names are resolved lazily (PEP 562), so ``python -m ivpt.data.synthetic`` / ``python -m
 ivpt.data.cub`` run without importing the other modules (and without runpy warnings).
@@ -12,6 +13,11 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "cub": ("CONFIG_NAMES", "Cub200", "Cub200Config", "CubFormatError", "crop_box_from_text", "load_cub",
             "read_annotations"),
+    "flowers": ("load_flowers102",),
+    "loading": ("DatasetSourceError", "dataset_source_kind", "load_any_dataset"),
+    "nabirds": ("load_nabirds",),
+    "official": ("LayoutFormatError",),
+    "partimagenet": ("load_partimagenet",),
     "synthetic": ("CUB_PART_NAMES", "generate_cub"),
     "transforms": ("IMAGENET_MEAN", "IMAGENET_STD", "apply_transform", "batch_transform",
                    "consistency_transform", "eval_transform", "parts_eval_preprocess",
@@ -23,6 +29,11 @@ __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:  # pragma: no cover
     from .cub import CONFIG_NAMES, Cub200, Cub200Config, CubFormatError, crop_box_from_text, load_cub, read_annotations
+    from .flowers import load_flowers102
+    from .loading import DatasetSourceError, dataset_source_kind, load_any_dataset
+    from .nabirds import load_nabirds
+    from .official import LayoutFormatError
+    from .partimagenet import load_partimagenet
     from .synthetic import CUB_PART_NAMES, generate_cub
     from .transforms import (
         IMAGENET_MEAN,

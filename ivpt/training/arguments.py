@@ -142,7 +142,9 @@ class DataArguments:
         default=None, metadata={"help": "CUB-200-2011 folder, its parent, or CUB_200_2011.tgz (the ivpt.data builder)."}
     )
     dataset_name: str | None = field(
-        default=None, metadata={"help": "A `datasets` image-classification dataset id, or an imagefolder directory."}
+        default=None, metadata={"help": "A `datasets` Hub id or a local folder: Hub-style parquet files, a save_to_disk "
+                                        "folder, an imagefolder, or an official CUB / NABirds / Flowers-102 / "
+                                        "PartImageNet layout (ivpt.data.load_any_dataset)."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Config name for --dataset_name."})
     cub_config: str = field(default="full", metadata={"help": "CUB builder config ('full' for training)."})

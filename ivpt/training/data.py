@@ -1,8 +1,9 @@
 """Training-time data plumbing of the training workflow (`ivpt.training.run`) and `IvptTrainer`.
 
-* `load_raw_dataset` / `prepare_splits` — CUB through the `ivpt.data` builder (`data_dir`) or any `datasets`
-  image-classification dataset / imagefolder directory (`dataset_name`, `load_dataset_by_name`), validated: splits
-  exist, the image and label columns exist, labels lie in `[0, num_labels)`;
+* `load_raw_dataset` / `prepare_splits` — CUB through the `ivpt.data` builder (`data_dir`) or anything
+  `ivpt.data.load_any_dataset` reads (`dataset_name`, `load_dataset_by_name`: Hub ids, parquet / save_to_disk /
+  imagefolder folders, the official layouts), validated: splits exist, the image and label columns exist, labels lie
+  in `[0, num_labels)`;
 * `SampleSeededTransform` — the §4.5 transforms applied on the fly (`Dataset.with_transform`), where every random
   augmentation draws from a generator seeded by `(seed, epoch, sample index)`. The augmentation of a sample therefore
   does not depend on the process that loads it, the number of loader workers, or where a resumed run restarts, which
@@ -24,7 +25,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-from .errors import TrainingError
+from .errors import MissingPathError, TrainingError
 
 INDEX_COLUMN = "__sample_index__"
 
@@ -70,20 +71,25 @@ def load_raw_dataset(
 def load_dataset_by_name(
     name: str, config_name: str | None = None, cache_dir: str | None = None
 ) -> tuple[datasets.DatasetDict, str]:
-    """`--dataset_name`: a `datasets` Hub id or a local imagefolder directory, as a `DatasetDict` with named splits,
-    and a description naming it. The one place where the training workflow loads a dataset by name."""
-    if os.path.isdir(name):
-        loaded = datasets.load_dataset("imagefolder", data_dir=name, cache_dir=cache_dir)
-        return loaded, f"imagefolder {_name_of(name)!r}"
-    if os.path.exists(name):
-        raise DataError(f"`--dataset_name`: {name!r} is a file; expected a directory or a dataset id")
+    """`--dataset_name`: anything `ivpt.data.load_any_dataset` accepts (a Hub id, a Hub-style parquet folder, a
+    `save_to_disk` folder, an imagefolder or csv/json folder, an official CUB / NABirds / Flowers-102 / PartImageNet
+    layout), as a `DatasetDict` with named splits, and a description naming it. The one place where the training
+    workflow loads a dataset by name; every failure is a `DataError` naming `--dataset_name`."""
+    from ..data.cub import CubFormatError
+    from ..data.loading import DatasetSourceError, dataset_source_kind, load_any_dataset
+    from ..data.official import LayoutFormatError
+
     try:
-        loaded = datasets.load_dataset(name, config_name, cache_dir=cache_dir)
-    except Exception as error:  # the datasets error types vary between hub, local and offline failures
-        raise DataError(f"`--dataset_name`: cannot load {name!r}: {error}") from error
-    if not isinstance(loaded, datasets.DatasetDict):
-        raise DataError(f"`--dataset_name`: expected a dataset with named splits, got {type(loaded).__name__}")
-    return loaded, f"dataset {name!r}"
+        kind = dataset_source_kind(name)
+        loaded = load_any_dataset(name, config_name, cache_dir=cache_dir)
+    except FileNotFoundError as error:
+        raise MissingPathError(f"`--dataset_name`: {error}") from error
+    except (DatasetSourceError, CubFormatError, LayoutFormatError) as error:
+        raise DataError(f"`--dataset_name`: {error}") from error
+    if kind == "hub":
+        return loaded, f"dataset {name!r}"
+    form = {"save_to_disk": "save_to_disk folder", "folder": "data folder"}.get(kind, f"{kind} layout")
+    return loaded, f"{form} {_name_of(name)!r}"
 
 
 def _name_of(path: str) -> str:
