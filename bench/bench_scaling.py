@@ -4,7 +4,7 @@ backbone in the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads; eac
     python bench/bench_scaling.py [--repeats 2] [--json OUT]
 
 `time overhead` = IVPT training step / (bare forward+backward + bare forward) − 1: the share the prototype machinery
-adds on top of the two backbone passes a training step cannot avoid (§9); `FLOP overhead` is the same ratio in
+adds on top of the two backbone passes a training step cannot avoid (docs/method.md#equivalent-forms); `FLOP overhead` is the same ratio in
 counted FLOPs (torch.utils.flop_counter), free of the timing noise of a shared machine.
 """
 

@@ -7,7 +7,7 @@
 2. backbone: a small DINOv2-family ViT pre-trained (supervised) on the second set, saved as a timm .safetensors file;
 3. IVPT: `ivpt.training.main` (what `ivpt-train` / `train_ivpt.py` run) with the recipe, the backbone frozen and
    loaded from that file via `--backbone_weights` (the path a user takes with an offline DINOv2 copy);
-4. evaluation: every metric of §6 for the trained model, the same model before IVPT training and chance;
+4. evaluation: every metric of docs/method.md#evaluation-protocols for the trained model, the same model before IVPT training and chance;
 5. report: `<output_dir>/report/` with metrics.json, report.md and figures.
 
 Every step is cached under `<output_dir>` with a stamp of its inputs, so a second run only redoes what changed.

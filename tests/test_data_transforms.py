@@ -1,4 +1,4 @@
-"""Transforms of §4.5 (train / test), §5.5 (parts evaluation) and §6.2 (consistency)."""
+"""Transforms of docs/method.md#training-augmentation (train / test), docs/method.md#part-annotated-items (parts evaluation) and docs/method.md#consistency (consistency)."""
 
 import numpy as np
 import pytest
@@ -127,7 +127,7 @@ def test_parts_eval_preprocess_hand_computed():
     )
     torch.testing.assert_close(out["keypoints"], expected)
     torch.testing.assert_close(out["bbox"], torch.tensor([25.0, 10.0, 30.0, 20.0]))
-    assert keypoints == original  # inputs are not modified (Q21)
+    assert keypoints == original  # inputs are not modified (docs/method.md#quirks [in-place annotations])
 
 
 def test_parts_eval_preprocess_truncates_long_side_but_scales_by_factor():

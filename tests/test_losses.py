@@ -1,4 +1,4 @@
-"""Loss terms of §3 against literal (loop) formulations; warps of §3.7."""
+"""Loss terms of docs/method.md#objective against literal (loop) formulations; warps of docs/method.md#equivariance-loss."""
 
 import math
 

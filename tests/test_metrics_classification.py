@@ -1,4 +1,4 @@
-"""Tests of the §6.1 classification accuracies (ivpt.metrics.classification)."""
+"""Tests of the docs/method.md#classification-accuracy classification accuracies (ivpt.metrics.classification)."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def literal_top_k_accuracy(logits, labels, k, average):
-    """Spec §6.1 written as loops: a label is correct if fewer than k classes score higher."""
+    """Spec docs/method.md#classification-accuracy written as loops: a label is correct if fewer than k classes score higher."""
     correct = []
     for row, label in zip(logits.tolist(), labels.tolist()):
         order = sorted(range(len(row)), key=lambda c: -row[c])

@@ -1,4 +1,4 @@
-"""Tests of the §6.2 / §6.3 consistency and stability metrics (ivpt.metrics.consistency)."""
+"""Tests of the docs/method.md#consistency / docs/method.md#stability consistency and stability metrics (ivpt.metrics.consistency)."""
 
 import math
 
@@ -28,7 +28,7 @@ HALF = 36
 
 
 def literal_points(keypoints, boxes, canvas=CANVAS):
-    """§6.2 step 2 / §5.3 with Python ints and floats, one keypoint at a time."""
+    """docs/method.md#consistency step 2 / docs/method.md#box-cropping with Python ints and floats, one keypoint at a time."""
     points, visible = [], []
     for image_keypoints, (x, y, w, h) in zip(keypoints.tolist(), boxes.tolist()):
         x1, y1 = int(str(x).split(".")[0]), int(str(y).split(".")[0])  # crop.py: cut at the '.'
@@ -70,7 +70,7 @@ def opencv_cubic_resize(array, size):
 
 
 def literal_regions(maps, canvas=CANVAS, half_size=HALF):
-    """§6.2 step 3 per image and prototype with the NumPy OpenCV-style resize and np.where."""
+    """docs/method.md#consistency step 3 per image and prototype with the NumPy OpenCV-style resize and np.where."""
     regions = []
     for image_maps in maps.double().numpy():
         image_regions = []

@@ -1,4 +1,4 @@
-"""Tests of the §6.6 foreground / background IoU (ivpt.metrics.foreground_iou)."""
+"""Tests of the docs/method.md#foreground-iou foreground / background IoU (ivpt.metrics.foreground_iou)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def literal_counts(maps, masks, threshold=0.5, max_value=255.0):
-    """§6.6 pixel by pixel: argmax channel != last -> foreground; mask >= threshold * max -> foreground."""
+    """docs/method.md#foreground-iou pixel by pixel: argmax channel != last -> foreground; mask >= threshold * max -> foreground."""
     counts = [0, 0, 0, 0]
     upsampled = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=True)
     for image_maps, mask in zip(upsampled, masks):
@@ -57,7 +57,7 @@ def test_default_binarisation_is_half_of_the_maximum_grey_level():
 def test_background_is_the_last_channel_of_the_evaluated_map():
     masks = torch.full((1, 4, 4), 255, dtype=torch.uint8)
     maps = torch.zeros(1, 11, 4, 4)
-    maps[0, 4] = 1.0  # the reference's hard-coded background index K = 4 is foreground here (Q18)
+    maps[0, 4] = 1.0  # the reference's hard-coded background index K = 4 is foreground here (docs/method.md#quirks [foreground IoU background index])
     assert foreground_iou(maps, masks)["foreground_iou"] == 100.0
 
 

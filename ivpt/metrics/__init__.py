@@ -1,12 +1,12 @@
-"""Evaluation metrics of IVPT (spec §6): pure, device-agnostic functions over tensors.
+"""Evaluation metrics of IVPT (docs/method.md#evaluation-protocols): pure, device-agnostic functions over tensors.
 
-* §6.1 classification: `top_k_correct`, `top_k_accuracy`, `classification_accuracies`
-* §6.2 / §6.3 consistency and stability: `part_points_on_canvas`, `prototype_regions`,
+* docs/method.md#classification-accuracy classification: `top_k_correct`, `top_k_accuracy`, `classification_accuracies`
+* docs/method.md#consistency / docs/method.md#stability consistency and stability: `part_points_on_canvas`, `prototype_regions`,
   `near_constant_maps`, `part_hits`, `consistency_score`, `stability_score`, `perturb_normalised_images`
-* §6.4 NMI / ARI: `keypoint_part_assignments`, `nmi_ari`
-* §6.5 keypoint regression: `part_centroid_features`, `box_normalised_keypoints`,
+* docs/method.md#nmi-and-ari NMI / ARI: `keypoint_part_assignments`, `nmi_ari`
+* docs/method.md#keypoint-regression keypoint regression: `part_centroid_features`, `box_normalised_keypoints`,
   `keypoint_regression_error`
-* §6.6 foreground IoU: `resize_mask_like_image`, `foreground_iou_counts`, `foreground_iou_from_counts`,
+* docs/method.md#foreground-iou foreground IoU: `resize_mask_like_image`, `foreground_iou_counts`, `foreground_iou_from_counts`,
   `foreground_iou`
 
 All functions taking `maps` expect the evaluated stage's assignment maps of shape

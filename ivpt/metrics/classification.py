@@ -1,4 +1,4 @@
-"""Classification accuracy (spec §6.1).
+"""Classification accuracy (docs/method.md#classification-accuracy).
 
 The reference evaluates torchmetrics `MulticlassAccuracy(num_classes=200, top_k=k, average=...)`
 for k in (1, 5) and average in ("micro", "macro"), ×100:
@@ -50,7 +50,7 @@ def top_k_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> tor
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1, average: str = "micro") -> float:
-    """Top-k accuracy in percent (spec §6.1, torchmetrics `MulticlassAccuracy` semantics).
+    """Top-k accuracy in percent (docs/method.md#classification-accuracy, torchmetrics `MulticlassAccuracy` semantics).
 
     Args:
         logits (`torch.Tensor` of shape `(num_images, num_classes)`): class scores.
@@ -84,7 +84,7 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1, avera
 def classification_accuracies(
     logits: torch.Tensor, labels: torch.Tensor, top_k: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
-    """The §6.1 accuracies: micro and macro top-k for every k in `top_k`, in percent.
+    """The docs/method.md#classification-accuracy accuracies: micro and macro top-k for every k in `top_k`, in percent.
 
     Args:
         logits (`torch.Tensor` of shape `(num_images, num_classes)`): class scores.

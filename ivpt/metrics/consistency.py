@@ -1,12 +1,12 @@
-"""Consistency and stability scores (spec §6.2, §6.3; Huang et al., ICCV 2023, as adapted by IVPT).
+"""Consistency and stability scores (docs/method.md#consistency, docs/method.md#stability; Huang et al., ICCV 2023, as adapted by IVPT).
 
 Pipeline (one call per batch for the first three steps, then one score over the test set)::
 
-    points, visible = part_points_on_canvas(keypoints, boxes)        # §6.2 step 2
-    regions = prototype_regions(maps)                                 # §6.2 step 3
-    hits = part_hits(regions, points, visible)                        # §6.2 step 3
-    consistency = consistency_score(hits, visible, labels, num_classes)   # §6.2 step 4
-    stability = stability_score(hits, hits_noisy, labels, num_classes)   # §6.3
+    points, visible = part_points_on_canvas(keypoints, boxes)        # docs/method.md#consistency step 2
+    regions = prototype_regions(maps)                                 # docs/method.md#consistency step 3
+    hits = part_hits(regions, points, visible)                        # docs/method.md#consistency step 3
+    consistency = consistency_score(hits, visible, labels, num_classes)   # docs/method.md#consistency step 4
+    stability = stability_score(hits, hits_noisy, labels, num_classes)   # docs/method.md#stability
 
 `maps` are the evaluated stage's assignment maps, background last (at the defaults output #1:
 11 channels, 10 foreground prototypes); the background channel is never scored.
@@ -28,7 +28,7 @@ from ._checks import box_xywh, check_labels, check_same_leading, check_shape, ke
 def part_points_on_canvas(
     keypoints: torch.Tensor, boxes: torch.Tensor, canvas: int = 224
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ground-truth part points on the fixed consistency canvas (spec §6.2 step 2, §5.3).
+    """Ground-truth part points on the fixed consistency canvas (docs/method.md#consistency step 2, docs/method.md#box-cropping).
 
     The box is made integer exactly as `utils/crop.py` does (x1 = ⌊x⌋, y1 = ⌊y⌋,
     x2 = x1 + ⌊w⌋, y2 = y1 + ⌊h⌋), the keypoint coordinates are truncated to int, and the point is
@@ -147,7 +147,7 @@ def prototype_regions(maps: torch.Tensor, canvas: int = 224, half_size: int = 36
 
 
 def part_hits(regions: torch.Tensor, points: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Which visible part points fall inside each prototype region (spec §6.2 step 3).
+    """Which visible part points fall inside each prototype region (docs/method.md#consistency step 3).
 
     Args:
         regions (`torch.Tensor` of shape `(num_images, num_foreground_prototypes, 4)`): output of
@@ -184,7 +184,7 @@ def consistency_score(
     num_classes: int,
     threshold: float = 0.8,
 ) -> float:
-    """Consistency score in percent (spec §6.2 step 4).
+    """Consistency score in percent (docs/method.md#consistency step 4).
 
     For every class c and foreground prototype j, over the test images of class c:
     `freq[part] = Σ_i hits[i, j, part] / max(1, Σ_i visible[i, part])`; the pair is consistent if
@@ -216,7 +216,7 @@ def consistency_score(
 def stability_score(
     hits_clean: torch.Tensor, hits_noisy: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> float:
-    """Stability score in percent (spec §6.3).
+    """Stability score in percent (docs/method.md#stability).
 
     For every class c and foreground prototype j: the fraction of the class-c test images whose
     part-hit vector (over all parts) is identical in the clean and the perturbed run. Score =
@@ -251,7 +251,7 @@ def perturb_normalised_images(
     std: float = 0.2,
     clip: float = 0.25,
 ) -> torch.Tensor:
-    """Stability noise (spec §6.3): add `clamp(N(0, std²), −clip, clip)` per element.
+    """Stability noise (docs/method.md#stability): add `clamp(N(0, std²), −clip, clip)` per element.
 
     Applied to the already ImageNet-normalised input. The reference draws fresh unseeded noise per
     batch; pass a seeded `generator` (and report its seed) for reproducible scores. The noise is

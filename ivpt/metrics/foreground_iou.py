@@ -1,4 +1,4 @@
-"""Foreground / background IoU (spec §6.6, with the Q18 fix).
+"""Foreground / background IoU (docs/method.md#foreground-iou, with the docs/method.md#quirks [foreground IoU background index] fix).
 
 Streaming use::
 
@@ -46,11 +46,11 @@ def resize_mask_like_image(mask: Image.Image, image_size: int) -> torch.Tensor:
 def foreground_iou_counts(
     maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, max_value: float | None = None
 ) -> torch.Tensor:
-    """Intersection and union pixel counts of one batch (spec §6.6).
+    """Intersection and union pixel counts of one batch (docs/method.md#foreground-iou).
 
     The maps are upsampled to the mask size (bilinear, `align_corners=True`, as the reference);
     a pixel is predicted foreground when its argmax channel is not the *last* channel (the
-    evaluated map's own background, the Q18 fix; the reference used the final stage's index 4).
+    evaluated map's own background, the docs/method.md#quirks [foreground IoU background index] fix; the reference used the final stage's index 4).
     The ground truth is `mask >= threshold · max_value`: the CUB segmentations are soft grey-level
     PNGs and the reference defines no threshold, so by default a pixel is foreground when its grey
     level is at least 50 % of the maximum grey level (≥ 127.5, i.e. ≥ 128 for uint8 masks).
@@ -113,7 +113,7 @@ def foreground_iou_from_counts(counts: torch.Tensor) -> dict[str, float]:
 def foreground_iou(
     maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, max_value: float | None = None
 ) -> dict[str, float]:
-    """Foreground and background IoU in percent of one set of images (spec §6.6).
+    """Foreground and background IoU in percent of one set of images (docs/method.md#foreground-iou).
 
     Equal to `foreground_iou_from_counts(foreground_iou_counts(...))`; see those functions.
     """

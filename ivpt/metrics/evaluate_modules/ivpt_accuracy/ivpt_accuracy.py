@@ -1,4 +1,4 @@
-"""`evaluate` wrapper of the IVPT classification accuracies (spec §6.1).
+"""`evaluate` wrapper of the IVPT classification accuracies (docs/method.md#classification-accuracy).
 
 Load offline with `evaluate.load(ivpt.metrics.evaluate_module_path("ivpt_accuracy"))`.
 The computation is `ivpt.metrics.classification_accuracies`.
