@@ -17,8 +17,8 @@ from ivpt import IvptForImageClassification
 from ivpt.data.loading import dataset_source_kind, load_any_dataset
 from ivpt.data.official import LayoutFormatError
 from ivpt.evaluation import EvaluationSettings, evaluate_dataset, from_dataset_dict
-from ivpt.trainer import IvptTrainer, IvptTrainingArguments
-from ivpt.training_data import SampleSeededTransform, build_transforms, prepare_splits
+from ivpt.training.trainer import IvptTrainer, IvptTrainingArguments
+from ivpt.training.data import SampleSeededTransform, build_transforms, prepare_splits
 
 from conftest import tiny_config
 from fixtures_layouts import (

@@ -1,7 +1,8 @@
 """`evaluate_dataset`: every registered metric whose columns a dataset provides; `evaluate_interpretability` for CUB.
 
 Interpretability metrics run with deterministic routing (no Gumbel noise), as the release's evaluation script; the
-accuracy follows `sample_routing_noise` (default: the model config). Metrics sharing a pass share its forward passes.
+accuracy follows `sample_routing_noise` (default: the model config). Metrics sharing a pass share its forward passes,
+and passes feeding the model the same input share them too (`ivpt.evaluation.passes.group_by_model_input`).
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from typing import Optional, Sequence
 import torch
 from accelerate import PartialState
 
-from .metrics import REGISTRY
-from .passes import PASSES, PassContext, gather_records, iterate
 from ..report import parts_input_variant
+from .metrics import REGISTRY
+from .passes import PASSES, PassContext, gather_records, group_by_model_input, iterate
 from .schema import EvaluationData, label_names
 
 METRICS = tuple(REGISTRY)  # the built-in metrics (parse_metrics reads the registry itself, extensions included)
@@ -161,18 +162,21 @@ def plan_metrics(metric_names: Sequence[str], data: EvaluationData) -> tuple[lis
     return run, skipped
 
 
-def _run_pass(pass_name: str, names: list[str], context: PassContext, split, description: str,
-              keep_examples: bool = False) -> tuple[dict[str, dict], list, list[int]]:
-    """Runs one pass over `split` for the metrics `names`; returns their gathered records, the kept examples and the
-    number of images each process evaluated."""
-    local = {name: {} for name in names}
+def _run_passes(names: dict[str, list[str]], context: PassContext, split, description: str,
+                keep_examples: bool = False) -> tuple[dict[str, dict], list, list[int]]:
+    """Runs the passes of one model input (`names`: {pass name: its metrics}) together over `split`, one backbone pass
+    per batch for all of them; returns the metrics' gathered records, the kept examples (of the `box_crop` pass) and
+    the number of images each process evaluated."""
+    local = {name: {} for metric_names in names.values() for name in metric_names}
     examples, count = [], 0
-    for outputs in iterate(PASSES[pass_name], context, split, description):
-        count += len(outputs["row_index"])
-        for name in names:
-            for key, values in REGISTRY[name].collect(outputs).items():
-                local[name].setdefault(key, []).extend(values)
+    for batch in iterate([PASSES[p] for p in names], context, split, description):
+        count += len(next(iter(batch.values()))["row_index"])
+        for pass_name, metric_names in names.items():
+            for name in metric_names:
+                for key, values in REGISTRY[name].collect(batch[pass_name]).items():
+                    local[name].setdefault(key, []).extend(values)
         if keep_examples:
+            outputs = batch["box_crop"]
             points, visible = outputs.points_visible
             examples += [
                 dict(image=image, maps=m, regions=r, points=p, visible=v, label=int(label), part_logits=pl)
@@ -220,23 +224,28 @@ def evaluate_dataset(
     was_training = model.training
     model.eval().to(device)
     try:
-        for pass_name in PASSES:
-            names = [n for n in run if REGISTRY[n].pass_name == pass_name]
-            want_examples = keep_examples and pass_name == "box_crop" and {"bbox", "keypoints"} <= data.columns
-            if not names and not want_examples:
-                continue
-            split = data.box_crops if pass_name == "box_crop" and data.box_crops is not None else data.test
-            records, examples, counts = _run_pass(pass_name, names, context, split, pass_name, want_examples)
-            result["processes"][pass_name] = counts
-            if want_examples:
+        names = {p: [n for n in run if REGISTRY[n].pass_name == p] for p in PASSES}
+        want_examples = keep_examples and {"bbox", "keypoints"} <= data.columns
+        needed = [p for p in PASSES if names[p] or (want_examples and p == "box_crop")]
+        splits = {p: data.box_crops if p == "box_crop" and data.box_crops is not None else data.test for p in needed}
+        records, fit_records = {}, {}
+        for group in group_by_model_input(needed, context, splits):
+            split = splits[group[0]]
+            group_records, examples, counts = _run_passes(
+                {p: names[p] for p in group}, context, split, "+".join(group), want_examples and "box_crop" in group)
+            records |= group_records
+            result["processes"] |= {p: counts for p in group}
+            if want_examples and "box_crop" in group:
                 result["examples"] = examples
-            fit_names = [n for n in names if REGISTRY[n].fit_on_train]
-            fit_records = {}
-            if fit_names:
-                fit_records, _, _ = _run_pass(pass_name, fit_names, context, data.train, f"{pass_name} (train, fit)")
-            for name in names:
+            fit = {p: [n for n in names[p] if REGISTRY[n].fit_on_train] for p in group}
+            fit = {p: fit_names for p, fit_names in fit.items() if fit_names}
+            if fit:
+                fit_records |= _run_passes(fit, context, data.train, f"{'+'.join(fit)} (train, fit)")[0]
+        for pass_name in needed:  # results in registry-pass order, whatever the grouping
+            result["processes"][pass_name] = result["processes"].pop(pass_name)
+            for name in names[pass_name]:
                 result["metrics"].update(REGISTRY[name].reduce(records[name], fit_records.get(name), context))
-            if pass_name == "parts" and names:  # every report names the input variant of the parts metrics
+            if pass_name == "parts" and names[pass_name]:  # every report names the input variant of the parts metrics
                 result["metrics"]["parts_input"] = parts_input_variant(settings.normalise_parts_input)
     finally:
         model.train(was_training)

@@ -9,7 +9,11 @@
 |                  |                                   | `normalise_parts_input`; masks: PIL nearest               |
 
 A pass yields `PassOutputs` per batch: the preprocessed batch plus model outputs computed on first use (so the noisy
-forward of the stability metric runs only when that metric is requested). Work is split across processes with
+forward of the stability metric runs only when that metric is requested). Each pass also declares its model input
+(`Pass.model_input`: the images, their preprocessing and the routing setting); passes declaring the same input over the
+same split run together, batch by batch, and share one backbone pass per batch (`SharedForward`): with
+`normalise_parts_input` and deterministic accuracy routing the classification and parts passes feed the model the
+same tensors, so `--metrics all` runs one backbone pass per distinct model input and no more. Work is split across processes with
 `accelerate` (`split_between_processes`: contiguous shards, no padding, on CPU as on GPU) and each metric's per-batch
 records are gathered once, in rank order, so no image is counted twice and the merged records are in split order.
 """
@@ -19,7 +23,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Callable, Iterator, Optional
+from typing import Callable, Hashable, Iterator, Optional
 
 import datasets
 import torch
@@ -50,9 +54,12 @@ class PassContext:
     def forward(self, pixel_values: torch.Tensor, sample_routing_noise: bool = False):
         return self.model(pixel_values.to(self.device), sample_routing_noise=sample_routing_noise)
 
-    def maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def stage_maps(self, outputs) -> torch.Tensor:
         """Assignment maps of the evaluated stage, `(batch, num_prototypes, height, width)` float."""
-        return self.forward(pixel_values).assignment_maps[self.stage_index].float()
+        return outputs.assignment_maps[self.stage_index].float()
+
+    def maps(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.stage_maps(self.forward(pixel_values))
 
     @property
     def accuracy_routing_noise(self) -> bool:
@@ -81,21 +88,47 @@ def integer_crop_box(bbox) -> tuple[int, int, int, int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+class SharedForward:
+    """The deterministic model output of one batch, shared by the passes that declare the same model input.
+
+    The first pass to ask runs the model; the others reuse its output when their `pixel_values` are equal (they are,
+    by their declaration; a pass whose tensors differ gets its own forward, so sharing never changes a number).
+    Forwards with routing noise are random draws and are never shared.
+    """
+
+    def __init__(self, context: PassContext):
+        self.context = context
+        self._input: Optional[torch.Tensor] = None
+        self._output = None
+
+    def __call__(self, pixel_values: torch.Tensor, sample_routing_noise: bool = False):
+        if sample_routing_noise:
+            return self.context.forward(pixel_values, True)
+        if self._input is None or not (self._input.shape == pixel_values.shape
+                                       and torch.equal(self._input, pixel_values)):
+            self._input, self._output = pixel_values, self.context.forward(pixel_values)
+        return self._output
+
+
 class PassOutputs:
     """One preprocessed batch (`batch[key]`: stacked tensors or lists) and the model outputs computed on demand."""
 
-    def __init__(self, batch: dict, context: PassContext):
+    def __init__(self, batch: dict, context: PassContext, shared: Optional[SharedForward] = None):
         self.batch, self.context = batch, context
+        self.shared = shared if shared is not None else SharedForward(context)
 
     def __getitem__(self, key):
         return self.batch[key]
+
+    def forward(self, sample_routing_noise: bool = False):
+        """The model output on this batch's `pixel_values` (shared with the passes of the same model input)."""
+        return self.shared(self.batch["pixel_values"], sample_routing_noise)
 
 
 class ClassificationOutputs(PassOutputs):
     @cached_property
     def logits(self) -> torch.Tensor:  # (batch, num_classes) float, CPU
-        noise = self.context.accuracy_routing_noise
-        return self.context.forward(self.batch["pixel_values"], noise).logits.float().cpu()
+        return self.forward(self.context.accuracy_routing_noise).logits.float().cpu()
 
 
 class BoxCropOutputs(PassOutputs):
@@ -105,7 +138,7 @@ class BoxCropOutputs(PassOutputs):
 
     @cached_property
     def maps(self) -> torch.Tensor:
-        return self.context.maps(self.batch["pixel_values"])
+        return self.context.stage_maps(self.forward())
 
     def _hits(self, maps: torch.Tensor, regions: Optional[torch.Tensor] = None) -> torch.Tensor:
         settings = self.context.settings
@@ -148,13 +181,13 @@ class BoxCropOutputs(PassOutputs):
 
     @cached_property
     def part_logits(self) -> torch.Tensor:
-        return self.context.forward(self.batch["pixel_values"]).part_logits.float().cpu()
+        return self.forward().part_logits.float().cpu()
 
 
 class PartsOutputs(PassOutputs):
     @cached_property
     def maps(self) -> torch.Tensor:
-        return self.context.maps(self.batch["pixel_values"])
+        return self.context.stage_maps(self.forward())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -228,23 +261,49 @@ def _parts_preprocess(context: PassContext, source: datasets.Dataset) -> Callabl
     return preprocess
 
 
+# What a pass feeds the model, as (images, geometry, normalised, routing noise): passes with equal keys over the same
+# split feed equal tensors and share their backbone pass.
+def _classification_input(context: PassContext) -> Hashable:
+    return ("full image", "short side + centre crop", True, context.accuracy_routing_noise)
+
+
+def _box_crop_input(context: PassContext) -> Hashable:
+    return ("object box", "warp", True, False)
+
+
+def _parts_input(context: PassContext) -> Hashable:
+    return ("full image", "short side + centre crop", context.settings.normalise_parts_input, False)
+
+
 @dataclass(frozen=True)
 class Pass:
-    """An evaluation pass: how rows are preprocessed, and the outputs class its metrics read."""
+    """An evaluation pass: how rows are preprocessed, the model input that preprocessing gives (a hashable key:
+    passes with equal keys share backbone passes), and the outputs class its metrics read."""
 
     name: str
     preprocess: Callable[[PassContext, datasets.Dataset], Callable]
+    model_input: Callable[[PassContext], Hashable]
     outputs: type
 
 
 PASSES = {
     p.name: p
     for p in (
-        Pass("classification", _classification_preprocess, ClassificationOutputs),
-        Pass("box_crop", _box_crop_preprocess, BoxCropOutputs),
-        Pass("parts", _parts_preprocess, PartsOutputs),
+        Pass("classification", _classification_preprocess, _classification_input, ClassificationOutputs),
+        Pass("box_crop", _box_crop_preprocess, _box_crop_input, BoxCropOutputs),
+        Pass("parts", _parts_preprocess, _parts_input, PartsOutputs),
     )
 }
+
+
+def group_by_model_input(pass_names, context: PassContext, splits: dict[str, datasets.Dataset]) -> list[list[str]]:
+    """`pass_names` grouped by (declared model input, split they run over: `splits[name]`), groups in order of first
+    appearance; the passes of a group can run together on one backbone pass per batch."""
+    groups: dict[Hashable, list[str]] = {}
+    for name in pass_names:
+        key = (PASSES[name].model_input(context), id(splits[name]))  # the same split object
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -258,19 +317,28 @@ def shard_indices(num_rows: int) -> list[int]:
         return list(indices)
 
 
-def iterate(pass_: Pass, context: PassContext, split: datasets.Dataset, description: str) -> Iterator[PassOutputs]:
-    """Preprocessed, collated batches of this process's shard, as `pass_.outputs` objects."""
+def _collate(rows: list[dict], chunk: list[int]) -> dict:
+    batch = {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(rows[0][k]) else [r[k] for r in rows]
+             for k in rows[0]}
+    batch["row_index"] = list(chunk)
+    return batch
+
+
+def iterate(passes: list[Pass], context: PassContext, split: datasets.Dataset,
+            description: str) -> Iterator[dict[str, PassOutputs]]:
+    """Preprocessed, collated batches of this process's shard: `{pass name: pass.outputs}` per batch, the outputs of
+    one batch sharing one `SharedForward` (give `passes` of one model input, `group_by_model_input`)."""
     state = PartialState()
-    preprocess = pass_.preprocess(context, split)
+    preprocess = {p.name: p.preprocess(context, split) for p in passes}
     indices = shard_indices(len(split))
     size = context.settings.batch_size
     chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
     for chunk in tqdm(chunks, desc=description, disable=not state.is_local_main_process):
-        rows = [preprocess(split[i], i) for i in chunk]
-        batch = {k: torch.stack([r[k] for r in rows]) if torch.is_tensor(rows[0][k]) else [r[k] for r in rows]
-                 for k in rows[0]}
-        batch["row_index"] = list(chunk)
-        yield pass_.outputs(batch, context)
+        rows = [split[i] for i in chunk]
+        shared = SharedForward(context)
+        yield {p.name: p.outputs(_collate([preprocess[p.name](row, i) for row, i in zip(rows, chunk)], chunk),
+                                 context, shared)
+               for p in passes}
 
 
 def gather_records(local: dict[str, list]) -> dict[str, list]:
@@ -280,5 +348,5 @@ def gather_records(local: dict[str, list]) -> dict[str, list]:
     return {key: gather_object(values) for key, values in local.items()}
 
 
-__all__ = ["PASSES", "Pass", "PassContext", "PassOutputs", "gather_records", "integer_crop_box", "iterate",
-           "shard_indices"]
+__all__ = ["PASSES", "Pass", "PassContext", "PassOutputs", "SharedForward", "gather_records", "group_by_model_input",
+           "integer_crop_box", "iterate", "shard_indices"]

@@ -170,7 +170,7 @@ def _group_of(model: IvptForImageClassification) -> dict[str, str]:
             elif module == "prompt_norm":
                 group = "modulation" if not model.config.freeze_prompt_norm_affine else "backbone_decay"
             else:
-                raise ValueError(f"No docs/method.md#parameter-groups parameter group for {prefix}.{name}; extend `ivpt.trainer._group_of`")
+                raise ValueError(f"No docs/method.md#parameter-groups parameter group for {prefix}.{name}; extend `ivpt.training.trainer._group_of`")
             groups[f"{prefix}.{name}"] = group
     for name, _ in base.modulation.named_parameters():
         groups[f"ivpt.modulation.{name}"] = "modulation"
@@ -178,7 +178,7 @@ def _group_of(model: IvptForImageClassification) -> dict[str, str]:
         groups[f"classifier.{name}"] = "scratch"
     unassigned = [name for name, _ in model.named_parameters() if name not in groups]
     if unassigned:
-        raise ValueError(f"No docs/method.md#parameter-groups parameter group for {unassigned}; extend `ivpt.trainer._group_of`")
+        raise ValueError(f"No docs/method.md#parameter-groups parameter group for {unassigned}; extend `ivpt.training.trainer._group_of`")
     return groups
 
 
