@@ -182,7 +182,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         report_rows,
         save_consistency_examples,
     )
-    from ivpt.report import markdown_table, write_atomic
+    from ivpt.report import markdown_table, parts_input_note, write_atomic
 
     device = evaluation_device(args.device)  # CPU launches shard too (a gloo group; see evaluation_device)
     state = PartialState()
@@ -211,8 +211,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         skipped = "".join(f"- `{name}` skipped: {reason}.\n" for name, reason in result["skipped"].items())
         table = markdown_table({"this model": result["metrics"]}, published=data.published or {},
                                rows=report_rows(args.metrics))
+        notes = [parts_input_note(result["metrics"]["parts_input"])] if "parts_input" in result["metrics"] else []
         write_atomic(out / "report.md", f"# IVPT evaluation of {args.model_name_or_path}\n\nData: {data.name}.\n\n"
-                     + table + "\n" + (f"\n{skipped}" if skipped else ""))
+                     + table + "\n" + "".join(f"\n{n}\n" for n in notes) + (f"\n{skipped}" if skipped else ""))
         if examples:
             save_consistency_examples(model, examples, out / "figures", settings(args).canvas)
         print(json.dumps(result["metrics"], indent=2))

@@ -4,8 +4,8 @@ Measures, on a generated synthetic CUB:
   * synthetic generator speed (images/s at 224 px, JPEG + PNG mask written);
   * builder preparation speed of `load_cub` (images/s) for ``full`` and ``cropped``, and output
     images/s for ``cropped_augmented`` (30 outputs per training image);
-  * on-the-fly §4.5 train transform at 518 px on CUB-sized (500 × 375) images, per core, without
-    and with JPEG decoding; the §4.5 evaluation transform for comparison.
+  * on-the-fly docs/method.md#training-augmentation train transform at 518 px on CUB-sized (500 × 375) images, per core, without
+    and with JPEG decoding; the docs/method.md#training-augmentation evaluation transform for comparison.
 
 Usage::
 

@@ -9,7 +9,7 @@ On the tiny test configuration (4-block, 32-wide ViT at 64 px, n_pro 6,5,4, 7 cl
 * bare step: a pre-made batch → forward with labels (full objective) → backward → clip 2.0 → Adam step → zero grads,
   on a second, identical model with its own optimizer;
 * `trainer_tensors`: `IvptTrainer` on pre-made tensors (Trainer, scheduler, logging every 10 steps);
-* `trainer_images_in_process`: `IvptTrainer` on PIL images with the §4.5 augmentation applied on the fly (the real
+* `trainer_images_in_process`: `IvptTrainer` on PIL images with the docs/method.md#training-augmentation augmentation applied on the fly (the real
   pipeline), decoded and augmented in the training process (`dataloader_num_workers 0`);
 * `trainer_images`: the same with `--workers` persistent loader workers (the recipes' setting: loading overlaps the
   step; with `--threads 1` on a 2-core machine the worker has the second core).
@@ -142,7 +142,7 @@ def bench_paired(
 DESCRIPTIONS = {
     "trainer_tensors": "Trainer on in-memory tensors",
     "trainer_images_in_process": (
-        "Trainer, 72×80 PNG images decoded + §4.5 augmentation in the training process (0 workers)"
+        "Trainer, 72×80 PNG images decoded + docs/method.md#training-augmentation augmentation in the training process (0 workers)"
     ),
     "trainer_images": "Trainer, same decoding + augmentation in {workers} persistent loader worker(s)",
 }

@@ -1,4 +1,4 @@
-"""IVPT model configuration (spec: shared/spec/ALGORITHM.md §0, §1.3, §1.14, §3, §10).
+"""IVPT model configuration (docs/method.md#notation, docs/method.md#learnable-tensors, docs/method.md#routing-noise-at-evaluation, docs/method.md#objective, docs/method.md#outputs).
 
 Ships to the Hub with the model: imports only torch, timm and transformers.
 """
@@ -47,7 +47,7 @@ def _backbone_geometry(backbone: str, backbone_kwargs_json: str, image_size: int
 class IvptConfig(PreTrainedConfig):
     r"""
     Configuration of an IVPT model: a frozen timm ViT with cross-layer part prototypes whose region features become
-    interpretable prompts of the last blocks (ALGORITHM.md §1). Defaults reproduce the official release recipe
+    interpretable prompts of the last blocks (docs/method.md#forward-pass). Defaults reproduce the official release recipe
     (DINOv2 ViT-B/14 with 4 registers at 518 px, `n_pro = 17,14,11,8,5`), except `sample_routing_noise_in_eval`.
 
     Args:
@@ -64,36 +64,36 @@ class IvptConfig(PreTrainedConfig):
             len(n_pro) - 1` is attached to block `depth - len(n_pro) + 1 + s`; the last stage reads the output of the
             last block and defines the `K = n_pro[-1] - 1` parts that are classified. Also accepts `"17,14,11,8,5"`.
         freeze_backbone (`bool`, *optional*, defaults to `True`):
-            Freeze every backbone tensor except `cls_token`, `reg_token` and `pos_embed` (§4.1; the final LayerNorm is
+            Freeze every backbone tensor except `cls_token`, `reg_token` and `pos_embed` (docs/method.md#parameter-groups; the final LayerNorm is
             frozen too).
         freeze_prompt_norm_affine (`bool`, *optional*, defaults to `True`):
             Keep the affine parameters of the joint (K, D) prompt LayerNorm frozen at identity, as the release does by
-            accident of its parameter-group matcher (§8 Q1).
+            accident of its parameter-group matcher (docs/method.md#quirks [prompt norm frozen]).
         prototype_init_std (`float`, *optional*, defaults to 0.05):
-            Standard deviation of the normal initialisation of the prototype vectors (§1.3).
+            Standard deviation of the normal initialisation of the prototype vectors (docs/method.md#learnable-tensors).
         gumbel_routing (`bool`, *optional*, defaults to `True`):
-            Add Gumbel(0, 1) noise to the routing logits before the softmax (§1.6, release recipe).
+            Add Gumbel(0, 1) noise to the routing logits before the softmax (docs/method.md#routing-to-the-final-parts, release recipe).
         routing_tau (`float`, *optional*, defaults to 1.0):
             Softmax temperature of the routing.
         routing_hard (`bool`, *optional*, defaults to `False`):
             Straight-through one-hot routing (forward one-hot, backward soft).
         sample_routing_noise_in_eval (`bool`, *optional*, defaults to `False`):
-            Also draw the Gumbel routing noise in eval mode. The release does (§1.14, its classification accuracy is
+            Also draw the Gumbel routing noise in eval mode. The release does (docs/method.md#routing-noise-at-evaluation, its classification accuracy is
             stochastic); the default here is the documented deterministic deviation. Set `True` for paper parity of
             the classification evaluation.
         interpretation_stage_index (`int`, *optional*, defaults to -3):
             Index into the stage maps of the map returned as `interpretation_maps` and evaluated by the
-            interpretability metrics (release: `maps[-3]`, §2).
+            interpretability metrics (release: `maps[-3]`, docs/method.md#outputs).
         map_eps (`float`, *optional*, defaults to 1e-6):
-            Constant added before re-normalising the returned assignment maps (§1.4, "eps" maps).
-        classification_loss_weight (`float`, *optional*, defaults to 1.0): weight of the cross-entropy (§3.2).
-        consistency_loss_weight (`float`, *optional*, defaults to 1.0): weight of the cross-layer KL (§3.3).
-        presence_loss_weight (`float`, *optional*, defaults to 1.0): weight of the presence loss (§3.5).
-        orthogonality_loss_weight (`float`, *optional*, defaults to 1.0): weight of the orthogonality loss (§3.6).
-        equivariance_loss_weight (`float`, *optional*, defaults to 1.0): weight of the equivariance loss (§3.7).
-        total_variation_loss_weight (`float`, *optional*, defaults to 1.0): weight of the total variation (§3.4).
-        enforced_presence_loss_weight (`float`, *optional*, defaults to 1.0): weight of the background presence (§3.8).
-        entropy_loss_weight (`float`, *optional*, defaults to 1.0): weight of the pixel-wise entropy (§3.9).
+            Constant added before re-normalising the returned assignment maps (docs/method.md#prototype-assignment-maps, "eps" maps).
+        classification_loss_weight (`float`, *optional*, defaults to 1.0): weight of the cross-entropy (docs/method.md#classification-loss).
+        consistency_loss_weight (`float`, *optional*, defaults to 1.0): weight of the cross-layer KL (docs/method.md#consistency-loss).
+        presence_loss_weight (`float`, *optional*, defaults to 1.0): weight of the presence loss (docs/method.md#presence-loss).
+        orthogonality_loss_weight (`float`, *optional*, defaults to 1.0): weight of the orthogonality loss (docs/method.md#orthogonality-loss).
+        equivariance_loss_weight (`float`, *optional*, defaults to 1.0): weight of the equivariance loss (docs/method.md#equivariance-loss).
+        total_variation_loss_weight (`float`, *optional*, defaults to 1.0): weight of the total variation (docs/method.md#total-variation-loss).
+        enforced_presence_loss_weight (`float`, *optional*, defaults to 1.0): weight of the background presence (docs/method.md#enforced-presence-loss).
+        entropy_loss_weight (`float`, *optional*, defaults to 1.0): weight of the pixel-wise entropy (docs/method.md#entropy-loss).
         equivariance_max_rotation (`float`, *optional*, defaults to 90.0):
             Rotation of the equivariance warp is drawn from U(-x, x) degrees.
         equivariance_max_translation (`float`, *optional*, defaults to 0.11):

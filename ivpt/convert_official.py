@@ -2,7 +2,7 @@
 
     python -m ivpt.convert_official snapshot_best.pt OUT_DIR --n_pro 17,14,11,8,5 --image_size 518
 
-The snapshot is a dict whose `model_state` holds the release's key names (ALGORITHM.md §4.6); it is read with
+The snapshot is a dict whose `model_state` holds the release's key names (docs/method.md#release-checkpoints); it is read with
 `torch.load(weights_only=True)`. Unknown keys, missing keys and shape mismatches are errors that name the key.
 """
 
@@ -38,7 +38,7 @@ def rename_key(key: str) -> tuple[str, bool]:
     for pattern, template, squeeze in KEY_RULES:
         if re.fullmatch(pattern, key):
             return re.sub(f"^{pattern}$", template, key), squeeze
-    raise KeyError(f"model_state: unknown key {key!r} (not part of the IVPT release layout, ALGORITHM.md §4.6)")
+    raise KeyError(f"model_state: unknown key {key!r} (not part of the IVPT release layout, docs/method.md#release-checkpoints)")
 
 
 def convert_state_dict(model_state: dict, expected: dict) -> dict:

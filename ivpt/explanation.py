@@ -42,7 +42,7 @@ __all__ = ["Explanation", "explain", "IvptImageClassificationPipeline"]
 @dataclass
 class Explanation:
     """
-    The explanation of one image's prediction (ALGORITHM.md §2, §7.2). `S` is the number of prompted stages, `K` the
+    The explanation of one image's prediction (docs/method.md#outputs, docs/method.md#hierarchy). `S` is the number of prompted stages, `K` the
     number of final parts, `H × W` the processed image size.
 
     Attributes:
@@ -85,10 +85,10 @@ class Explanation:
         return [stage_map.argmax(axis=0) for stage_map in self.stage_maps]
 
     def plot(self, min_strength: float = 0.5, cell_size: int = 128):
-        """The multi-row figure of ALGORITHM.md §7.2 for this image, with the input image and the prediction.
+        """The multi-row figure of docs/method.md#hierarchy for this image, with the input image and the prediction.
 
         Row `s < S`, column `k`: the pixels whose arg-max prototype is routed to part `k` in this image with a strength
-        above `min_strength` (the §7.2 rule applied to this image's routing); last row, column `k`: final part `k`.
+        above `min_strength` (the docs/method.md#hierarchy rule applied to this image's routing); last row, column `k`: final part `k`.
         Column titles give the part scores of the predicted class.
 
         Args:

@@ -1,4 +1,4 @@
-"""The image processor saved next to every IVPT checkpoint (the test transform of ALGORITHM.md §4.5)."""
+"""The image processor saved next to every IVPT checkpoint (the test transform of docs/method.md#training-augmentation)."""
 
 from transformers import BitImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling

@@ -1,4 +1,4 @@
-"""The IVPT training objective as pure functions (spec: ALGORITHM.md §3).
+"""The IVPT training objective as pure functions (docs/method.md#objective).
 
 Maps are `(batch_size, num_prototypes, height, width)` with the background prototype last, and sum to 1 over the
 prototype axis. Every function is a plain tensor-in, tensor-out formula so it can be tested against the literal
@@ -23,7 +23,7 @@ LOSS_TERMS = (
 
 
 def consistency_loss(projected_map: torch.Tensor, target_map: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """KL(target ‖ projected) per pixel, summed over parts, averaged over pixels and batch (§3.3).
+    """KL(target ‖ projected) per pixel, summed over parts, averaged over pixels and batch (docs/method.md#consistency-loss).
 
     Both maps are `(batch_size, num_parts + 1, num_pixels)`; the caller detaches the target.
     """
@@ -32,7 +32,7 @@ def consistency_loss(projected_map: torch.Tensor, target_map: torch.Tensor, eps:
 
 
 def total_variation_loss(maps: torch.Tensor) -> torch.Tensor:
-    """Anisotropic total variation summed over channels and both axes, divided by B·H·W (§3.4)."""
+    """Anisotropic total variation summed over channels and both axes, divided by B·H·W (docs/method.md#total-variation-loss)."""
     batch_size, _, height, width = maps.shape
     vertical = (maps[:, :, 1:] - maps[:, :, :-1]).abs().sum()
     horizontal = (maps[:, :, :, 1:] - maps[:, :, :, :-1]).abs().sum()
@@ -40,13 +40,13 @@ def total_variation_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def presence_loss(maps: torch.Tensor) -> torch.Tensor:
-    """1 − mean over foreground prototypes of their strongest 3×3-pooled response in the batch (§3.5)."""
+    """1 − mean over foreground prototypes of their strongest 3×3-pooled response in the batch (docs/method.md#presence-loss)."""
     pooled = F.avg_pool2d(maps[:, :-1], kernel_size=3, stride=1)  # (B, P-1, H-2, W-2)
     return 1 - pooled.amax(dim=(0, 2, 3)).mean()
 
 
 def orthogonality_loss(part_features: torch.Tensor) -> torch.Tensor:
-    """Mean squared deviation of the parts' cosine Gram matrix from identity (§3.6).
+    """Mean squared deviation of the parts' cosine Gram matrix from identity (docs/method.md#orthogonality-loss).
 
     `part_features` is `(batch_size, hidden_size, num_parts + 1)` (background column included).
     """
@@ -57,7 +57,7 @@ def orthogonality_loss(part_features: torch.Tensor) -> torch.Tensor:
 
 
 def radial_border_mask(height: int, width: int, device=None) -> torch.Tensor:
-    """`(height, width)` mask, 0 at the centre and 1 in the corners: (gx² + gy²) / max with g ∈ [−1, 1] (§3.8)."""
+    """`(height, width)` mask, 0 at the centre and 1 in the corners: (gx² + gy²) / max with g ∈ [−1, 1] (docs/method.md#enforced-presence-loss)."""
     rows = torch.linspace(-1, 1, height, device=device)
     cols = torch.linspace(-1, 1, width, device=device)
     radius = rows[:, None] ** 2 + cols[None, :] ** 2
@@ -65,7 +65,7 @@ def radial_border_mask(height: int, width: int, device=None) -> torch.Tensor:
 
 
 def enforced_presence_loss(maps: torch.Tensor) -> torch.Tensor:
-    """Background must dominate somewhere near the border of every image: mean_b −ln max(mask·pooled_bg) (§3.8)."""
+    """Background must dominate somewhere near the border of every image: mean_b −ln max(mask·pooled_bg) (docs/method.md#enforced-presence-loss)."""
     pooled_background = F.avg_pool2d(maps[:, -1:], kernel_size=3, stride=1)[:, 0]  # (B, H-2, W-2)
     mask = radial_border_mask(*pooled_background.shape[-2:], device=maps.device).to(maps.dtype)
     strongest = (pooled_background * mask).amax(dim=(1, 2))
@@ -73,14 +73,14 @@ def enforced_presence_loss(maps: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_entropy_loss(maps: torch.Tensor) -> torch.Tensor:
-    """Mean per-pixel Shannon entropy over prototypes, after clamping to [1e-6, 1] and re-normalising (§3.9)."""
+    """Mean per-pixel Shannon entropy over prototypes, after clamping to [1e-6, 1] and re-normalising (docs/method.md#entropy-loss)."""
     probabilities = maps.float().clamp(1e-6, 1)
     probabilities = probabilities / probabilities.sum(1, keepdim=True)
     return -(probabilities * probabilities.log()).sum(1).mean()
 
 
 def equivariance_loss(maps: torch.Tensor, restored_maps: torch.Tensor) -> torch.Tensor:
-    """1 − mean cosine similarity of each foreground map with the un-warped map of the warped image (§3.7)."""
+    """1 − mean cosine similarity of each foreground map with the un-warped map of the warped image (docs/method.md#equivariance-loss)."""
     return 1 - F.cosine_similarity(maps[:, :-1].flatten(2), restored_maps[:, :-1].flatten(2), dim=-1, eps=1e-8).mean()
 
 
@@ -100,7 +100,7 @@ def sample_equivariance_warp(
     scale_range: Sequence[float] = (0.8, 1.4),
     generator: torch.Generator | None = None,
 ) -> EquivarianceWarp:
-    """Draws θ ~ U(−max_rotation, max_rotation), t ~ round(U(−m, m)) with m = max_translation·size, σ ~ U(range) (§3.7)."""
+    """Draws θ ~ U(−max_rotation, max_rotation), t ~ round(U(−m, m)) with m = max_translation·size, σ ~ U(range) (docs/method.md#equivariance-loss)."""
     uniform = torch.rand(4, generator=generator, dtype=torch.float64).tolist()
     max_shift = max_translation * image_size
     low, high = scale_range
@@ -112,17 +112,22 @@ def sample_equivariance_warp(
 
 
 def warp_images(pixel_values: torch.Tensor, warp: EquivarianceWarp) -> torch.Tensor:
-    """Forward warp of normalised images: bilinear, about the centre, zero fill (= the mean colour) (§3.7)."""
+    """Forward warp of normalised images: bilinear, about the centre, torchvision's default fill (docs/method.md#equivariance-loss).
+
+    No `fill` argument, as the release: the bilinear kernel reads zeros (the mean colour after normalisation) outside
+    the image. An explicit `fill=0` is not the same: torchvision then re-blends every pixel whose bilinear footprint
+    crosses the border with the fill colour by its in-image fraction.
+    """
     return TF.affine(
         pixel_values, angle=warp.angle, translate=list(warp.translation), scale=warp.scale, shear=[0.0, 0.0],
-        interpolation=InterpolationMode.BILINEAR, fill=0.0,
+        interpolation=InterpolationMode.BILINEAR,
     )
 
 
 def unwarp_maps(maps: torch.Tensor, warp: EquivarianceWarp, image_size: int) -> torch.Tensor:
     """Inverse warp of maps of the warped image back to the original frame: untranslate, then unrotate-unscale.
 
-    Nearest interpolation and zero fill, as torchvision's defaults in the release (§3.7, §8 Q26).
+    Nearest interpolation and zero fill, as torchvision's defaults in the release (docs/method.md#equivariance-loss, docs/method.md#quirks [inverse map warp]).
     """
     shift = [-t * maps.shape[-1] / image_size for t in warp.translation]
     maps = TF.affine(maps, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0])
@@ -138,7 +143,7 @@ def ivpt_objective(
     restored_maps: Sequence[torch.Tensor],
     weights: dict[str, float],
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total IVPT loss of §3.1 and its unweighted terms.
+    """The total IVPT loss of docs/method.md#objective and its unweighted terms.
 
     Per-stage terms (presence, equivariance, total variation, enforced presence, entropy) are averaged over all
     stages; consistency over the intermediate stages against the detached final projected map.

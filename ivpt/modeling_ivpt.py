@@ -1,6 +1,6 @@
 """PyTorch IVPT: Interpretable Visual Prompt Tuning with cross-layer part prototypes.
 
-Spec: shared/spec/ALGORITHM.md §1 (forward), §2 (outputs), §3 (objective), §9 (the faster equivalent forms used
+Spec: docs/method.md#forward-pass (forward), docs/method.md#outputs (outputs), docs/method.md#objective (objective), docs/method.md#equivalent-forms (the faster equivalent forms used
 here). Ships to the Hub: imports only torch, timm, transformers and the package's shipped files (relative).
 """
 
@@ -27,17 +27,17 @@ class IvptModelOutput(ModelOutput):
     """
     Args:
         part_features (`torch.FloatTensor` of shape `(batch_size, hidden_size, num_parts + 1)`):
-            Modulated features of the final parts, background column last (§1.9).
+            Modulated features of the final parts, background column last (docs/method.md#final-parts-and-classification).
         interpretation_maps (`torch.FloatTensor` of shape `(batch_size, num_prototypes, height, width)`):
             Assignment maps of the stage `config.interpretation_stage_index`, evaluated by the interpretability metrics.
         assignment_maps (`tuple(torch.FloatTensor)`):
-            One map per stage, `(batch_size, n_pro[s], height, width)`, summing to 1 over prototypes (§1.4 "eps").
+            One map per stage, `(batch_size, n_pro[s], height, width)`, summing to 1 over prototypes (docs/method.md#prototype-assignment-maps "eps").
         projected_maps (`tuple(torch.FloatTensor)`):
             Intermediate stage maps routed onto the final parts, `(batch_size, num_parts + 1, height * width)`, then the
-            final map flattened (§1.8).
+            final map flattened (docs/method.md#projected-maps).
         routing_weights (`tuple(torch.FloatTensor)`):
             Soft assignment of each intermediate foreground prototype to the final parts, `(batch_size, n_pro[s] - 1,
-            num_parts)` (§1.6).
+            num_parts)` (docs/method.md#routing-to-the-final-parts).
     """
 
     part_features: torch.FloatTensor | None = None
@@ -55,7 +55,7 @@ class IvptImageClassifierOutput(ModelOutput):
 
     Args:
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
-            In training mode the full IVPT objective of §3.1 (second, warped pass included); in eval mode the
+            In training mode the full IVPT objective of docs/method.md#objective (second, warped pass included); in eval mode the
             cross-entropy.
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
             Mean of `part_logits` over the parts.
@@ -180,12 +180,12 @@ def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None
 
 
 def full_precision(device: torch.device):
-    """Disables autocast: distances, softmax and pooling of the maps stay in float32 (§9.2)."""
+    """Disables autocast: distances, softmax and pooling of the maps stay in float32 (docs/method.md#equivalent-forms)."""
     return torch.autocast(device_type=device.type, enabled=False)
 
 
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
-    """Negative squared distances plus positional bias (§1.4 steps 2–3, expanded form of §9.2).
+    """Negative squared distances plus positional bias (docs/method.md#prototype-assignment-maps steps 2–3, expanded form of docs/method.md#equivalent-forms).
 
     features `(B, N, D)`, prototypes `(P, D)`, position_bias `(P, N)` -> `(B, P, N)`.
     """
@@ -195,7 +195,7 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, position_
 
 
 def hard_pool(maps: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Hard-assignment pooling (§1.5) as one batched matmul (§9.1).
+    """Hard-assignment pooling (docs/method.md#hard-assignment-pooling) as one batched matmul (docs/method.md#equivalent-forms).
 
     Each pixel contributes to its arg-max prototype only, weighted by its probability.
     maps `(B, P, N)`, features `(B, N, D)` -> region features `(B, P, D)` (zero for an empty prototype) and
@@ -209,13 +209,13 @@ def hard_pool(maps: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def renormalise_with_eps(maps: torch.Tensor, eps: float) -> torch.Tensor:
-    """The "eps" maps of §1.4, derived from the raw ones instead of recomputed (§9.4)."""
+    """The "eps" maps of docs/method.md#prototype-assignment-maps, derived from the raw ones instead of recomputed (docs/method.md#equivalent-forms)."""
     maps = maps + eps
     return maps / maps.sum(1, keepdim=True)
 
 
 class IvptPrototypeStage(nn.Module):
-    """Prototypes and positional bias of one stage: tokens -> assignment maps (§1.4)."""
+    """Prototypes and positional bias of one stage: tokens -> assignment maps (docs/method.md#prototype-assignment-maps)."""
 
     def __init__(self, config: IvptConfig, num_prototypes: int):
         super().__init__()
@@ -230,8 +230,8 @@ class IvptPrototypeStage(nn.Module):
 
 
 class IvptPromptStage(IvptPrototypeStage):
-    """An intermediate stage: also routes its foreground prototypes to the final parts (§1.6) and turns their region
-    features into `num_parts` prompt tokens for its block (§1.7)."""
+    """An intermediate stage: also routes its foreground prototypes to the final parts (docs/method.md#routing-to-the-final-parts) and turns their region
+    features into `num_parts` prompt tokens for its block (docs/method.md#interpretable-prompts)."""
 
     def __init__(self, config: IvptConfig, num_prototypes: int):
         super().__init__(config, num_prototypes)
@@ -267,7 +267,7 @@ class IvptPromptStage(IvptPrototypeStage):
 
 
 def project_maps(maps: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-    """Route a stage's raw maps `(B, P, N)` onto the final parts -> `(B, K + 1, N)`, background kept (§1.8)."""
+    """Route a stage's raw maps `(B, P, N)` onto the final parts -> `(B, K + 1, N)`, background kept (docs/method.md#projected-maps)."""
     foreground = torch.einsum("bjk,bjn->bkn", routing_weights, maps[:, :-1])
     return torch.cat([foreground, maps[:, -1:]], dim=1)
 
@@ -282,7 +282,7 @@ class IvptPreTrainedModel(PreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained` with checked inputs, then the §4.1 freezing again: transformers 5 re-wraps
+        """`PreTrainedModel.from_pretrained` with checked inputs, then the docs/method.md#parameter-groups freezing again: transformers 5 re-wraps
         every loaded tensor as a Parameter with `requires_grad=True`, which would silently unfreeze the backbone.
 
         Raises:
@@ -362,7 +362,7 @@ class IvptPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """The initialisation of §1.3 for the IVPT tensors; the timm backbone keeps its own (or loaded) weights."""
+        """The initialisation of docs/method.md#learnable-tensors for the IVPT tensors; the timm backbone keeps its own (or loaded) weights."""
         if isinstance(module, IvptPrototypeStage):
             init.normal_(module.prototypes, std=self.config.prototype_init_std)
             init.zeros_(module.position_bias)
@@ -387,7 +387,7 @@ def _default_linear_init(linear: nn.Linear) -> None:
 
 
 class IvptModel(IvptPreTrainedModel):
-    """Frozen timm ViT + cross-layer prototype stages (§1.11). Returns part features and maps, no class scores."""
+    """Frozen timm ViT + cross-layer prototype stages (docs/method.md#forward-pass). Returns part features and maps, no class scores."""
 
     def __init__(self, config: IvptConfig):
         super().__init__(config)
@@ -406,7 +406,7 @@ class IvptModel(IvptPreTrainedModel):
         self.post_init()
 
     def _freeze(self) -> None:
-        """§4.1: backbone frozen except cls/reg/pos (final norm frozen too); prompt LayerNorm affine frozen (Q1)."""
+        """docs/method.md#parameter-groups: backbone frozen except cls/reg/pos (final norm frozen too); prompt LayerNorm affine frozen (docs/method.md#quirks [prompt norm frozen])."""
         if self.config.freeze_backbone:
             trainable = {"cls_token", "reg_token", "pos_embed"}
             for name, parameter in self.backbone.named_parameters():
@@ -425,7 +425,7 @@ class IvptModel(IvptPreTrainedModel):
         return self.backbone.norm(tokens)[:, self.backbone.num_prefix_tokens :].float()
 
     def _encode(self, pixel_values: torch.Tensor, sample_noise: bool):
-        """The block loop of §1.11: returns final tokens, per-stage patch features (detached) and raw maps, the
+        """The block loop of docs/method.md#forward-pass: returns final tokens, per-stage patch features (detached) and raw maps, the
         routing weights and projected maps of the intermediate stages."""
         backbone = self.backbone
         tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(pixel_values))))
@@ -491,7 +491,7 @@ class IvptModel(IvptPreTrainedModel):
         )
 
     def assignment_maps_only(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None):
-        """Stage maps with gradients to the prototypes and biases only, the rest run without autograd (§9.6).
+        """Stage maps with gradients to the prototypes and biases only, the rest run without autograd (docs/method.md#equivalent-forms).
 
         This is the second (equivariance) pass: the maps are computed from detached tokens, so running the blocks
         under `no_grad` and recomputing only distances and softmax gives the same gradients for far less memory.
@@ -505,7 +505,7 @@ class IvptModel(IvptPreTrainedModel):
 
 
 class IvptForImageClassification(IvptPreTrainedModel):
-    """IVPT with its shared per-part linear classifier (§1.9); logits are the mean of the part scores."""
+    """IVPT with its shared per-part linear classifier (docs/method.md#final-parts-and-classification); logits are the mean of the part scores."""
 
     def __init__(self, config: IvptConfig):
         super().__init__(config)

@@ -1,8 +1,8 @@
-"""Published CUB-200-2011 numbers that reports place our results next to (shared/spec/PAPER_NUMBERS.md).
+"""Published CUB-200-2011 numbers that reports place our results next to (docs/method.md#evaluation-protocols).
 
 IVPT's own table (arXiv 2503.06084) reports consistency, stability and accuracy only; NMI/ARI/KPR come from the
 PDiscoFormer paper (ECCV 2024, K = 16 parts), the part-discovery protocol these metrics follow. Values marked
-"unconfirmed" in PAPER_NUMBERS.md were taken from a secondary summary of the paper.
+"unconfirmed" were taken from a secondary summary of the paper.
 """
 
 PUBLISHED = {

@@ -22,6 +22,22 @@ ROWS = (
     ("foreground_iou", "foreground IoU %", "↑"),
     ("background_iou", "background IoU %", "↑"),
 )
+# How the NMI / ARI / KPR / foreground-IoU images were fed to the model (`EvaluationSettings.normalise_parts_input`).
+# The published part-discovery protocol feeds unnormalised [0, 1] images although training normalises
+# (docs/method.md#quirks); every report names the variant its numbers come from.
+PARTS_INPUT_VARIANTS = {False: "unnormalised", True: "ImageNet-normalised"}
+
+
+def parts_input_variant(normalise_parts_input: bool) -> str:
+    """The name of a parts-metric input variant, as written into metrics.json (`parts_input`) and report.md."""
+    return PARTS_INPUT_VARIANTS[bool(normalise_parts_input)]
+
+
+def parts_input_note(variant: str) -> str:
+    """One report sentence naming the input variant of the parts metrics."""
+    protocol = "the published protocol" if variant == PARTS_INPUT_VARIANTS[False] else "not the published protocol"
+    return (f"NMI, ARI, keypoint regression and foreground IoU: **{variant}** input images ({protocol}; "
+            "see docs/method.md#parts-metric-input).")
 
 
 def write_atomic(path: str | Path, text: str) -> Path:
@@ -52,7 +68,12 @@ def flatten_metrics(metrics: dict) -> dict[str, float]:
 
 def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLISHED, rows=ROWS) -> str:
     """One row per metric of `rows` ((key, label, better) triples); our columns (name -> metrics), then the published
-    columns ("–" where not reported)."""
+    columns ("–" where not reported).
+
+    A last row names each column's `parts_input` variant (see `parts_input_variant`) when any column records one; "–"
+    for columns without one (no parts metrics, or reference values such as chance levels).
+    """
+    variants = [values.get("parts_input") for values in columns.values()]
     columns = {name: flatten_metrics(values) for name, values in columns.items()}
     headers = ["metric", *columns, *published]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
@@ -61,4 +82,7 @@ def markdown_table(columns: dict[str, dict], published: dict[str, dict] = PUBLIS
         if all(cell is None for cell in cells[: len(columns)]):
             continue
         lines.append(f"| {label} {better} | " + " | ".join("–" if c is None else f"{c:.2f}" for c in cells) + " |")
+    if any(variants):
+        cells = [variant or "–" for variant in variants] + ["–"] * len(published)
+        lines.append("| parts-metric input | " + " | ".join(cells) + " |")
     return "\n".join(lines)

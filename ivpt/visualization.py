@@ -1,15 +1,15 @@
-"""Visualisations of IVPT part prototypes (ALGORITHM.md §7, with the §8 Q11 and Q29 fixes).
+"""Visualisations of IVPT part prototypes (docs/method.md#visualisation, with the docs/method.md#quirks [hierarchy threshold 0.1] and docs/method.md#quirks [hierarchy figure crashes] fixes).
 
 Three families of pictures, all drawn on the CPU from tensors on any device:
 
-* §7.1 per-stage part segmentation overlays ([`save_part_overlays`]) and the per-prototype crop mosaics that feed the
+* docs/method.md#part-overlays per-stage part segmentation overlays ([`save_part_overlays`]) and the per-prototype crop mosaics that feed the
   gallery ([`save_prototype_mosaics`]);
-* §7.2 the hierarchical prototype view: the relation of every intermediate prototype to the final parts
+* docs/method.md#hierarchy the hierarchical prototype view: the relation of every intermediate prototype to the final parts
   ([`relation_matrices`], [`prototype_parents`]), the on-disk gallery ([`build_prototype_gallery`]) and the multi-row
   figure, one row per stage and one column per final part ([`hierarchy_figure`], [`save_hierarchy_figures`]);
-* §7.3 the consistency-evaluation figures ([`save_consistency_figures`]).
+* docs/method.md#consistency-figures the consistency-evaluation figures ([`save_consistency_figures`]).
 
-Stages are named like the release, `Layer_<blocks already applied>` ([`stage_names`], computed from the config, §0).
+Stages are named like the release, `Layer_<blocks already applied>` ([`stage_names`], computed from the config, docs/method.md#notation).
 The single-image explanation ([`explain`], [`Explanation`]) and the pipeline route
 ([`IvptImageClassificationPipeline`]) live in `ivpt/explanation.py` and are re-exported here.
 
@@ -74,10 +74,10 @@ def __getattr__(name: str):
 
 
 def stage_names(config) -> list[str]:
-    """Names of the `S + 1` stages, `Layer_<depth - S + s>` (ALGORITHM.md §0: "Layer_8 … Layer_12" for ViT-B, S = 4).
+    """Names of the `S + 1` stages, `Layer_<depth - S + s>` (docs/method.md#notation: "Layer_8 … Layer_12" for ViT-B, S = 4).
 
     The number is the count of backbone blocks already applied when the stage map is computed; the depth is read from
-    the config (§8 Q29: not hard-coded to 12).
+    the config (docs/method.md#quirks [hierarchy figure crashes]: not hard-coded to 12).
 
     Args:
         config ([`IvptConfig`]): the model configuration (`backbone_geometry["depth"]`, `num_prompted_blocks`).
@@ -162,7 +162,7 @@ def _as_stage_tuple(assignment_maps) -> tuple[torch.Tensor, ...]:
 
 
 def label_maps(maps: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Per-pixel arg-max prototype after bilinear upsampling (`align_corners=True`, as the release, §7.1).
+    """Per-pixel arg-max prototype after bilinear upsampling (`align_corners=True`, as the release, docs/method.md#part-overlays).
 
     Args:
         maps (`torch.Tensor` of shape `(batch_size, num_prototypes, height, width)`): one stage's assignment maps.
@@ -223,7 +223,7 @@ def _atomic_save(picture, path: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# §7.1 Per-stage overlays and crop mosaics
+# docs/method.md#part-overlays Per-stage overlays and crop mosaics
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -256,7 +256,7 @@ def save_part_overlays(
     mosaic_dir: str | os.PathLike | None = None,
     mosaic_name: str = "mosaic",
 ) -> list[Path]:
-    """Per-stage part segmentation overlays of one batch (ALGORITHM.md §7.1).
+    """Per-stage part segmentation overlays of one batch (docs/method.md#part-overlays).
 
     Each image is resized to `size × size`; each stage map is bilinearly upsampled (`align_corners=True`) and
     arg-maxed; the label map is blended at `alpha` with a categorical palette, the background (last index) left
@@ -306,7 +306,7 @@ def save_part_overlays(
 def prototype_crops(
     images: np.ndarray, labels: np.ndarray, label: int, tile: int = 64, min_side: int = 3
 ) -> list[np.ndarray]:
-    """Crops of the bounding box of `label`'s pixels in every image that contains it (ALGORITHM.md §7.1).
+    """Crops of the bounding box of `label`'s pixels in every image that contains it (docs/method.md#part-overlays).
 
     Args:
         images (`np.ndarray` of shape `(batch_size, height, width, 3)`): float images in [0, 1].
@@ -363,9 +363,9 @@ def save_prototype_mosaics(
     name: str = "mosaic",
     tile: int = 64,
 ) -> dict[int, Path]:
-    """Write one crop mosaic per foreground prototype present in the batch (ALGORITHM.md §7.1).
+    """Write one crop mosaic per foreground prototype present in the batch (docs/method.md#part-overlays).
 
-    Fixes §8 Q29: every foreground label present is drawn, the highest one included (the release loops over
+    Fixes docs/method.md#quirks [hierarchy figure crashes]: every foreground label present is drawn, the highest one included (the release loops over
     `0..max_label-1`). Prototypes absent from the batch get no folder.
 
     Args:
@@ -389,15 +389,15 @@ def save_prototype_mosaics(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# §7.2 Hierarchy: relation matrices, gallery, multi-row figure
+# docs/method.md#hierarchy Hierarchy: relation matrices, gallery, multi-row figure
 # ------------------------------------------------------------------------------------------------------------------
 
 
 def empty_prototype_mask(routing_weights: torch.Tensor) -> torch.Tensor:
     """Which routing rows belong to empty prototypes (no pixel picked them in that image).
 
-    The model overwrites those rows with exactly `1.0 / K` (ALGORITHM.md §1.6 step 4); the comparison is made in the
-    tensor's own dtype, so it holds for float32 and bfloat16 outputs alike (fixes §8 Q11, which compared with 0.1).
+    The model overwrites those rows with exactly `1.0 / K` (docs/method.md#routing-to-the-final-parts step 4); the comparison is made in the
+    tensor's own dtype, so it holds for float32 and bfloat16 outputs alike (fixes docs/method.md#quirks [hierarchy threshold 0.1], which compared with 0.1).
 
     Args:
         routing_weights (`torch.Tensor` of shape `(batch_size, num_foreground_prototypes, num_parts)`).
@@ -418,10 +418,10 @@ def _renormalise_rows(matrix: torch.Tensor) -> torch.Tensor:
 
 
 def relation_matrices(routing_batches: Iterable[Sequence[torch.Tensor]]) -> list[torch.Tensor]:
-    """Prototype -> final-part relation of every intermediate stage over a dataset (ALGORITHM.md §7.2 step 1).
+    """Prototype -> final-part relation of every intermediate stage over a dataset (docs/method.md#hierarchy step 1).
 
     For each batch and stage, the routing matrices `G_s` are averaged over the images in which the prototype is not
-    empty ([`empty_prototype_mask`]; §8 Q11 fix), rows are renormalised to sum to 1 (a prototype empty in the whole
+    empty ([`empty_prototype_mask`]; docs/method.md#quirks [hierarchy threshold 0.1] fix), rows are renormalised to sum to 1 (a prototype empty in the whole
     batch gives a zero row), and these per-batch matrices are averaged over all batches, as the release does.
 
     Args:
@@ -458,7 +458,7 @@ def relation_matrices(routing_batches: Iterable[Sequence[torch.Tensor]]) -> list
 def prototype_parents(
     relations: Sequence[torch.Tensor], threshold: float = 0.5
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Parent part of every intermediate prototype (ALGORITHM.md §7.2 step 2).
+    """Parent part of every intermediate prototype (docs/method.md#hierarchy step 2).
 
     Args:
         relations (sequence of `torch.Tensor` of shape `(n_pro[s] - 1, num_parts)`): from [`relation_matrices`], or one
@@ -493,12 +493,12 @@ def build_prototype_gallery(
     num_parts: int,
     remove_mosaic_dir: bool = True,
 ) -> list[Path]:
-    """Re-organise the crop mosaics into the hierarchical gallery (ALGORITHM.md §7.2 step 3).
+    """Re-organise the crop mosaics into the hierarchical gallery (docs/method.md#hierarchy step 3).
 
     `<mosaic_dir>/<s>/<j>/` (from [`save_part_overlays`] with `mosaic_dir`) becomes
     `<gallery_dir>/Proto_<parent>/<names[s]>/<j>_<strength:.2f>/` for every intermediate prototype with a parent, and
     the final stage's `<mosaic_dir>/<S>/<k>/` becomes `<gallery_dir>/Proto_<k>/<names[S]>/<k>_1.00/`. Prototypes that
-    never appeared in a visualised batch have no mosaic folder and are simply absent (§8 Q29 fix: no crash).
+    never appeared in a visualised batch have no mosaic folder and are simply absent (docs/method.md#quirks [hierarchy figure crashes] fix: no crash).
     Re-running into an existing gallery merges the files.
 
     Args:
@@ -548,7 +548,7 @@ def _parent_array(stage_parents) -> np.ndarray:
 def hierarchy_cells(
     labels: Sequence[np.ndarray], parents: Sequence, num_parts: int
 ) -> list[list[np.ndarray]]:
-    """Masks of the multi-row figure: `cells[s][k]` marks the pixels drawn in row `s`, column `k` (§7.2 step 4).
+    """Masks of the multi-row figure: `cells[s][k]` marks the pixels drawn in row `s`, column `k` (docs/method.md#hierarchy step 4).
 
     In a row `s < S` these are the pixels whose arg-max prototype `j` is a foreground prototype with parent `k`; in the
     last row, the pixels whose arg-max is final part `k`.
@@ -599,7 +599,7 @@ def hierarchy_figure(
     show_input: bool = False,
     fontsize: float = 8.0,
 ):
-    """The multi-row hierarchy figure of one image (ALGORITHM.md §7.2 step 4), K columns instead of a fixed 10.
+    """The multi-row hierarchy figure of one image (docs/method.md#hierarchy step 4), K columns instead of a fixed 10.
 
     Row `s` (named `names[s]`) and column `k` show the image with the pixels of [`hierarchy_cells`] coloured by their
     prototype index (categorical palette, alpha `alpha`); other pixels are left as the plain image. Column headers sit
@@ -685,7 +685,7 @@ def save_hierarchy_figures(
     titles: Sequence[str] | None = None,
     show_input: bool = False,
 ) -> list[Path]:
-    """Write the multi-row hierarchy figure of every image of a batch (ALGORITHM.md §7.2 step 4).
+    """Write the multi-row hierarchy figure of every image of a batch (docs/method.md#hierarchy step 4).
 
     Args:
         images (`torch.Tensor` of shape `(batch_size, 3, height, width)`): images in [0, 1].
@@ -779,7 +779,7 @@ def save_hierarchy_gallery(
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# §7.3 Consistency-evaluation figures
+# docs/method.md#consistency-figures Consistency-evaluation figures
 # ------------------------------------------------------------------------------------------------------------------
 
 
@@ -828,7 +828,7 @@ def save_consistency_figures(
     image_step: int = 2,
     prefix: str = "cub",
 ) -> list[Path]:
-    """Figures of the consistency evaluation (ALGORITHM.md §7.3).
+    """Figures of the consistency evaluation (docs/method.md#consistency-figures).
 
     For every drawn class `c`, the images of that class (in the given order) at positions `0, image_step, …` are used,
     at most `images_per_class` of them (release: positions 0, 2, …, 10):

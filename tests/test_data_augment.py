@@ -1,4 +1,4 @@
-"""Offline augmentation (§5.4): keypoints and masks follow the image; the augmented config."""
+"""Offline augmentation (docs/method.md#offline-augmentation): keypoints and masks follow the image; the augmented config."""
 
 import random
 

@@ -1,4 +1,4 @@
-"""CUB builder and loader: parity with the text files, §5.3 crops, archives, cache, robustness."""
+"""CUB builder and loader: parity with the text files, docs/method.md#box-cropping crops, archives, cache, robustness."""
 
 import io
 import logging
@@ -80,7 +80,7 @@ def test_full_stores_original_bytes_and_masks(full, synthetic_root):
 
 
 # ---------------------------------------------------------------------------------------------
-# §5.3 crop arithmetic
+# docs/method.md#box-cropping crop arithmetic
 # ---------------------------------------------------------------------------------------------
 
 

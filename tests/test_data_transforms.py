@@ -1,4 +1,4 @@
-"""Transforms of §4.5 (train / test), §5.5 (parts evaluation) and §6.2 (consistency)."""
+"""Transforms of docs/method.md#training-augmentation (train / test), docs/method.md#part-annotated-items (parts evaluation) and docs/method.md#consistency (consistency)."""
 
 import numpy as np
 import pytest
@@ -127,7 +127,7 @@ def test_parts_eval_preprocess_hand_computed():
     )
     torch.testing.assert_close(out["keypoints"], expected)
     torch.testing.assert_close(out["bbox"], torch.tensor([25.0, 10.0, 30.0, 20.0]))
-    assert keypoints == original  # inputs are not modified (Q21)
+    assert keypoints == original  # inputs are not modified (docs/method.md#quirks [in-place annotations])
 
 
 def test_parts_eval_preprocess_truncates_long_side_but_scales_by_factor():
@@ -158,3 +158,23 @@ def test_with_transform_on_loaded_dataset(synthetic_root, tmp_path):
 def test_grayscale_input_is_converted():
     out = apply_transform(eval_transform(image_size=32), {"image": Image.new("L", (40, 40), 128)})
     assert out["pixel_values"].shape == (3, 32, 32)
+
+
+def test_uint8_to_float_divides_by_255_like_to_tensor():
+    """Every grey level maps to level / 255 exactly (the release's ToTensor), not level · (1/255)."""
+    from torchvision.transforms import v2
+
+    from ivpt.data import transforms as transforms_module
+
+    levels = np.arange(256, dtype=np.uint8)
+    image = Image.fromarray(np.stack([np.tile(levels, (16, 1))] * 3, axis=-1))  # 16 x 256, column c has level c
+    reference = torch.arange(256, dtype=torch.float32) / 255
+    assert not torch.equal(reference, torch.arange(256, dtype=torch.float32) * (1 / 255))  # the two do differ
+    unit = v2.Compose(transforms_module._to_unit_float())(image)
+    assert unit.dtype == torch.float32 and torch.equal(unit[0, 0], reference) and torch.equal(unit[2, 7], reference)
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None], torch.tensor(IMAGENET_STD)[:, None]
+    normalised = v2.Compose(transforms_module._to_normalised_tensor(IMAGENET_MEAN, IMAGENET_STD))(image)
+    assert torch.equal(normalised[:, 0], (reference[None] - mean) / std)
+    # parts input: the shorter side is already 16, so no resampling; the centre crop keeps columns 120..135
+    parts = parts_eval_preprocess(image, np.zeros((15, 4)), [0, 0, 1, 1], image_size=16)["pixel_values"]
+    assert torch.equal(parts[:, 3], reference[120:136].expand(3, 16))

@@ -37,7 +37,16 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
             results[name]["metrics"]), name
     assert (tmp_path / "out" / "backbone" / "backbone.safetensors").exists()
     assert (tmp_path / "out" / "ivpt" / "model.safetensors").exists()
-    assert "acceptance thresholds" in (report / "report.md").read_text() and "unnormalised input" in first.stdout
+    text = (report / "report.md").read_text()
+    assert "acceptance thresholds" in text and "unnormalised input" in first.stdout
+    # both parts-metric input variants, each named (the main table: normalised; the published protocol: not)
+    assert "| parts-metric input | ImageNet-normalised | ImageNet-normalised | – |" in text
+    assert "| parts-metric input | unnormalised | unnormalised |" in text
+    for name in ("trained", "before IVPT training"):
+        assert results[name]["metrics"]["parts_input"] == "ImageNet-normalised"
+        unnormalised = results[name]["unnormalised_parts_input"]["metrics"]
+        assert unnormalised["parts_input"] == "unnormalised" and {"nmi", "ari", "kpr"} <= set(unnormalised)
+        assert 0 <= results[name]["metrics"]["near_constant_maps"] <= results[name]["metrics"]["consistency_num_maps"]
     assert (report / "figures" / "explanation.png").exists() and list((report / "figures").rglob("parts_*.png"))
     second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr[-4000:]

@@ -60,9 +60,13 @@ def test_cli_every_metric(tmp_path, cub_dir, checkpoint):
     assert 0 <= values["consistency"] <= 100 and 0 <= values["stability"] <= 100
     assert values["accuracy"]["num_images"] == 12 and values["consistency_num_images"] == 12
     assert metrics["protocol"]["half_size"] == 36 and metrics["protocol"]["stage_index"] == -3
+    assert values["parts_input"] == "unnormalised" and metrics["protocol"]["normalise_parts_input"] is False
+    assert values["consistency_num_maps"] == 12 * 5  # 12 images x 5 foreground prototypes of stage -3 (n_pro 6,5,4)
+    assert 0 <= values["near_constant_maps"] <= 60 and 0 <= values["near_constant_maps_perturbed"] <= 60
     assert len(metrics["model_fingerprint"]) == 16 and len(metrics["data_fingerprint"]) == 16
     report = (out / "report.md").read_text()
     assert "consistency" in report and "75.30" in report  # next to the published IVPT number
+    assert "| parts-metric input | unnormalised | – | – |" in report and "**unnormalised** input" in report
     assert list((out / "figures" / "results_all").glob("*.png"))
     assert sorted(p.name for p in (out / "figures" / "hierarchy").glob("*.png")) == [f"hierarchy_{i}.png" for i in range(4)]
     assert metrics["skipped"] == {"part_nmi_ari": "the evaluated split has no part_mask column"}
@@ -85,6 +89,15 @@ def test_report_table_places_published_numbers():
     table = markdown_table({"trained": {"consistency": 50.0, "accuracy": {"top1_micro": 80.0}}})
     assert "| consistency % ↑ | 50.00 | 75.30 | – |" in table
     assert "| top-1 accuracy (micro) % ↑ | 80.00 | 90.80 | 88.72 |" in table
+    assert "parts-metric input" not in table  # no parts metrics, no variant row
+
+
+def test_report_table_names_the_parts_input_variant():
+    table = markdown_table({"a": {"nmi": 10.0, "parts_input": "unnormalised"},
+                            "b": {"nmi": 20.0, "parts_input": "ImageNet-normalised"}, "c": {"consistency": 1.0},
+                            "d": {"nmi": 5.0}}, published={})
+    assert "| parts-metric input | unnormalised | ImageNet-normalised | – | – |" in table
+    assert "parts-metric input" not in markdown_table({"a": {"nmi": 10.0}}, published={})  # nothing recorded
 
 
 @pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,

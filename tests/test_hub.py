@@ -80,7 +80,7 @@ def test_save_load_round_trip(tmp_path, model):
     assert isinstance(reloaded, IvptForImageClassification)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(model(x).logits, reloaded(x).logits, rtol=0, atol=0)
-    # the §4.1 freezing survives loading (transformers re-creates loaded Parameters with requires_grad=True)
+    # the docs/method.md#parameter-groups freezing survives loading (transformers re-creates loaded Parameters with requires_grad=True)
     frozen = lambda m: {n for n, p in m.named_parameters() if not p.requires_grad}  # noqa: E731
     assert frozen(reloaded) == frozen(model) and "ivpt.backbone.blocks.0.attn.qkv.weight" in frozen(reloaded)
     assert isinstance(AutoConfig.from_pretrained(tmp_path), IvptConfig)
@@ -115,7 +115,7 @@ def test_fresh_process_remote_code_and_pipeline(tmp_path, model):
 
 
 def release_snapshot(model: IvptForImageClassification) -> dict:
-    """A snapshot in the release's key layout (ALGORITHM.md §4.6), built from our model's tensors."""
+    """A snapshot in the release's key layout (docs/method.md#release-checkpoints), built from our model's tensors."""
     state = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("ivpt.backbone."):

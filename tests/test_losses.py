@@ -1,4 +1,4 @@
-"""Loss terms of §3 against literal (loop) formulations; warps of §3.7."""
+"""Loss terms of docs/method.md#objective against literal (loop) formulations; warps of docs/method.md#equivariance-loss."""
 
 import math
 
@@ -152,3 +152,27 @@ def test_unwarp_scales_translation_to_map_resolution():
     maps[0, 0, 3, 3] = 1
     restored = unwarp_maps(maps, EquivarianceWarp(0.0, (16, 8), 1.0), image_size=64)
     assert restored[0, 0, 2, 1] == 1 and restored.sum() == 1  # moved back by (2, 1) cells (x, y)
+
+
+@pytest.mark.parametrize(
+    "warp",
+    [EquivarianceWarp(37.5, (0, 0), 1.0), EquivarianceWarp(0.0, (7, -5), 1.0), EquivarianceWarp(0.0, (0, 0), 1.3),
+     EquivarianceWarp(-81.2, (-6, 4), 0.85), EquivarianceWarp(12.0, (3, 9), 1.37)],
+)
+def test_warp_images_is_torchvision_affine_without_fill(warp):
+    """Bit-equal to the release's call (no `fill` argument), border pixels included; an explicit fill=0 differs."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    images = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    expected = TF.affine(images, warp.angle, list(warp.translation), warp.scale, shear=[0, 0],
+                         interpolation=InterpolationMode.BILINEAR)
+    warped = warp_images(images, warp)
+    assert torch.equal(warped, expected)
+    border = torch.ones(48, 48, dtype=torch.bool)
+    border[2:-2, 2:-2] = False
+    assert torch.equal(warped[..., border], expected[..., border])  # the edges, spelled out
+    if warp.angle or warp.scale != 1:  # some footprints cross the border at fractional positions
+        with_fill = TF.affine(images, warp.angle, list(warp.translation), warp.scale, shear=[0, 0],
+                              interpolation=InterpolationMode.BILINEAR, fill=0.0)
+        assert not torch.equal(warped, with_fill)

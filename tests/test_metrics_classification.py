@@ -1,4 +1,4 @@
-"""Tests of the §6.1 classification accuracies (ivpt.metrics.classification)."""
+"""Tests of the docs/method.md#classification-accuracy classification accuracies (ivpt.metrics.classification)."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def literal_top_k_accuracy(logits, labels, k, average):
-    """Spec §6.1 written as loops: a label is correct if fewer than k classes score higher."""
+    """Spec docs/method.md#classification-accuracy written as loops: a label is correct if fewer than k classes score higher."""
     correct = []
     for row, label in zip(logits.tolist(), labels.tolist()):
         order = sorted(range(len(row)), key=lambda c: -row[c])
@@ -20,8 +20,9 @@ def literal_top_k_accuracy(logits, labels, k, average):
     recalls = []
     for c in range(logits.shape[1]):
         members = [ok for ok, label in zip(correct, labels.tolist()) if label == c]
-        if members:  # classes absent from the labels are excluded
-            recalls.append(sum(members) / len(members))
+        predicted = any(c in sorted(range(len(row)), key=lambda j: -row[j])[:k] for row in logits.tolist())
+        if members or predicted:  # torchmetrics 1.2.1: a class counts when tp + fp + fn > 0
+            recalls.append(sum(members) / len(members) if members else 0.0)
     return 100.0 * sum(recalls) / len(recalls)
 
 
@@ -39,10 +40,18 @@ def test_hand_computed_case():
     assert top_k_correct(logits, labels, 2).tolist() == [True, True, False, True]
     results = classification_accuracies(logits, labels, top_k=(1, 2))
     assert results["top1_micro"] == pytest.approx(50.0)
-    # per-class top-1 recall: class 0 -> 1/2, class 1 -> 0, class 2 -> 1; class 3 absent (excluded)
-    assert results["top1_macro"] == pytest.approx(100.0 * (0.5 + 0.0 + 1.0) / 3)
+    # per-class top-1 recall: class 0 -> 1/2, class 1 -> 0, class 2 -> 1; class 3 is absent from the labels but
+    # predicted for image 2 (a false positive), so it counts with recall 0, as in torchmetrics 1.2.1
+    assert results["top1_macro"] == pytest.approx(100.0 * (0.5 + 0.0 + 1.0 + 0.0) / 4)
     assert results["top2_micro"] == pytest.approx(75.0)
-    assert results["top2_macro"] == pytest.approx(100.0 * (0.5 + 1.0 + 1.0) / 3)
+    assert results["top2_macro"] == pytest.approx(100.0 * (0.5 + 1.0 + 1.0 + 0.0) / 4)
+
+
+def test_macro_leaves_out_classes_neither_present_nor_predicted():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 3.0, 1.0, -1.0]])  # class 3 is never in a top-2
+    labels = torch.tensor([0, 1])
+    assert top_k_accuracy(logits, labels, k=1, average="macro") == pytest.approx(100.0)
+    assert top_k_accuracy(logits, labels, k=2, average="macro") == pytest.approx(100.0 * 2 / 3)  # class 2 predicted
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -1,4 +1,4 @@
-"""Tests of the §6.2 / §6.3 consistency and stability metrics (ivpt.metrics.consistency)."""
+"""Tests of the docs/method.md#consistency / docs/method.md#stability consistency and stability metrics (ivpt.metrics.consistency)."""
 
 import math
 
@@ -14,6 +14,7 @@ from ivpt.metrics import (
     prototype_regions,
     stability_score,
 )
+from ivpt.metrics.consistency import near_constant_maps
 
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -27,7 +28,7 @@ HALF = 36
 
 
 def literal_points(keypoints, boxes, canvas=CANVAS):
-    """§6.2 step 2 / §5.3 with Python ints and floats, one keypoint at a time."""
+    """docs/method.md#consistency step 2 / docs/method.md#box-cropping with Python ints and floats, one keypoint at a time."""
     points, visible = [], []
     for image_keypoints, (x, y, w, h) in zip(keypoints.tolist(), boxes.tolist()):
         x1, y1 = int(str(x).split(".")[0]), int(str(y).split(".")[0])  # crop.py: cut at the '.'
@@ -69,7 +70,7 @@ def opencv_cubic_resize(array, size):
 
 
 def literal_regions(maps, canvas=CANVAS, half_size=HALF):
-    """§6.2 step 3 per image and prototype with the NumPy OpenCV-style resize and np.where."""
+    """docs/method.md#consistency step 3 per image and prototype with the NumPy OpenCV-style resize and np.where."""
     regions = []
     for image_maps in maps.double().numpy():
         image_regions = []
@@ -261,6 +262,64 @@ def test_delta_on_grid_peaks_at_the_nearest_canvas_pixel():
     assert abs(row - ((20 + 0.5) * CANVAS / 37 - 0.5)) <= 0.5
     assert abs(column - ((15 + 0.5) * CANVAS / 37 - 0.5)) <= 0.5
     assert (row_high, column_high) == (row + HALF, column + HALF)
+
+
+def absent_prototype_map(size=37, floor=9.99989e-7):
+    """The eps floor of an absent prototype: constant in float32 (values of ~1e-6, variations far below an ulp)."""
+    return torch.full((size, size), floor, dtype=torch.float32)
+
+
+def test_constant_map_peak_is_a_tie_not_kernel_rounding():
+    """An exactly constant map is tied everywhere: its peak is the canvas origin, whatever the dtype or the float32
+    bicubic rounding says (float32 upsampling puts its arg-max at some rounding-decided pixel)."""
+    maps = torch.zeros(2, 3, 37, 37)
+    maps[:, 0] = absent_prototype_map()
+    maps[:, 1] = 0.25
+    maps[:, 2] = 1 - maps[:, 0] - maps[:, 1]
+    float32_peak = torch.nn.functional.interpolate(maps[:, :1], size=(CANVAS, CANVAS), mode="bicubic").flatten(1)
+    assert float32_peak.argmax(-1)[0].item() != 0  # the failure mode this guards against
+    for dtype in (torch.float32, torch.float64):
+        assert prototype_regions(maps.to(dtype)).tolist() == [[[0, HALF, 0, HALF]] * 2] * 2
+    assert near_constant_maps(maps).tolist() == [[True, True]] * 2
+
+
+def test_near_constant_map_keeps_its_one_ulp_peak():
+    """Structure at the float32 rounding level decides the region (float64 upsampling), not the kernel's rounding."""
+    prototype = absent_prototype_map()
+    prototype[20, 10] = torch.nextafter(prototype[20, 10], torch.tensor(1.0))  # one ulp higher
+    maps = torch.stack([prototype, 1 - prototype])[None]
+    row_low, _, column_low, _ = prototype_regions(maps)[0, 0].tolist()
+    assert abs(row_low + HALF - ((20 + 0.5) * CANVAS / 37 - 0.5)) <= 0.5
+    assert abs(column_low + HALF - ((10 + 0.5) * CANVAS / 37 - 0.5)) <= 0.5
+    assert prototype_regions(maps).tolist() == literal_regions(maps).tolist()
+    float32 = torch.nn.functional.interpolate(maps[:, :1], size=(CANVAS, CANVAS), mode="bicubic").flatten(1)
+    assert float32.argmax(-1).item() // CANVAS != row_low + HALF  # float32 rounding would move it elsewhere
+    assert near_constant_maps(maps).tolist() == [[True]]
+
+
+def test_tied_maxima_resolve_to_the_first_in_row_major_order():
+    """Two equal peaks, mirrored so their canvas maxima tie exactly in exact arithmetic: the upper-left one wins,
+    the same for the map and its offset copy, where a plain float64 upsampling lets rounding pick the right one."""
+    prototype = torch.zeros(37, 37, dtype=torch.float64)
+    prototype[10, 8] = prototype[10, 28] = 0.75  # columns 8 and 28 mirror each other about the centre column 18
+    plain = torch.nn.functional.interpolate((prototype + 0.5)[None, None], size=(CANVAS, CANVAS), mode="bicubic")
+    assert plain.flatten().argmax().item() % CANVAS > CANVAS // 2  # the failure mode this guards against
+    for offset in (0.0, 0.5):
+        maps = torch.stack([prototype + offset, 1 - prototype - offset])[None]
+        row_low, _, column_low, _ = prototype_regions(maps)[0, 0].tolist()
+        assert abs(column_low + HALF - ((8 + 0.5) * CANVAS / 37 - 0.5)) <= 0.5
+        assert abs(row_low + HALF - ((10 + 0.5) * CANVAS / 37 - 0.5)) <= 0.5
+    assert near_constant_maps(maps).tolist() == [[False]]
+
+
+def test_near_constant_count_on_model_like_maps():
+    """Softmax maps where one prototype is absent: its eps-renormalised map is flagged, the others are not."""
+    logits = torch.randn(3, 5, 37, 37, generator=torch.Generator().manual_seed(0))
+    logits[:, 2] = -200.0  # prototype 2 absent from every image
+    maps = logits.softmax(1) + 1e-6
+    maps = maps / maps.sum(1, keepdim=True)
+    flags = near_constant_maps(maps)
+    assert flags[:, 2].all() and int(flags.sum()) == 3
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Tests of the §6.6 foreground / background IoU (ivpt.metrics.foreground_iou)."""
+"""Tests of the docs/method.md#foreground-iou foreground / background IoU (ivpt.metrics.foreground_iou)."""
 
 import pytest
 import torch
@@ -11,7 +11,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def literal_counts(maps, masks, threshold=0.5, max_value=255.0):
-    """§6.6 pixel by pixel: argmax channel != last -> foreground; mask >= threshold * max -> foreground."""
+    """docs/method.md#foreground-iou pixel by pixel: argmax channel != last -> foreground; mask >= threshold * max -> foreground."""
     counts = [0, 0, 0, 0]
     upsampled = F.interpolate(maps, size=masks.shape[-2:], mode="bilinear", align_corners=True)
     for image_maps, mask in zip(upsampled, masks):
@@ -57,7 +57,7 @@ def test_default_binarisation_is_half_of_the_maximum_grey_level():
 def test_background_is_the_last_channel_of_the_evaluated_map():
     masks = torch.full((1, 4, 4), 255, dtype=torch.uint8)
     maps = torch.zeros(1, 11, 4, 4)
-    maps[0, 4] = 1.0  # the reference's hard-coded background index K = 4 is foreground here (Q18)
+    maps[0, 4] = 1.0  # the reference's hard-coded background index K = 4 is foreground here (docs/method.md#quirks [foreground IoU background index])
     assert foreground_iou(maps, masks)["foreground_iou"] == 100.0
 
 
@@ -86,3 +86,36 @@ def test_masks_with_a_channel_axis_and_errors():
         foreground_iou_counts(maps, torch.zeros(3, 8, 8))
     with pytest.raises(ValueError, match="`counts`"):
         foreground_iou_from_counts(torch.zeros(3))
+
+
+def blocky_mask(height=100, width=141, block=9, seed=0):
+    """A mask of 9x9-pixel blocks of random grey levels (every block edge is exposed to a sampling shift)."""
+    import numpy as np
+    from PIL import Image
+
+    levels = np.random.default_rng(seed).integers(0, 256, size=(height // block + 1, width // block + 1))
+    return Image.fromarray(np.kron(levels, np.ones((block, block)))[:height, :width].astype(np.uint8), mode="L")
+
+
+def test_masks_are_resized_like_the_pil_image():
+    """The mask follows the image's resize (same output size, PIL nearest) and centre crop, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    from ivpt.data.transforms import parts_eval_preprocess
+    from ivpt.metrics import resize_mask_like_image
+
+    mask = blocky_mask()
+    size = 128  # upsampling, like CUB's ~500x375 images to 518
+    resized = resize_mask_like_image(mask, size)
+    assert resized.shape == (size, size) and resized.dtype == torch.uint8
+    # PIL by hand: shorter side 100 -> 128, longer side int(128 * 141 / 100) = 180, crop left = round((180 - 128) / 2)
+    by_hand = np.asarray(mask.resize((180, 128), Image.NEAREST))[:, 26:26 + size]
+    assert torch.equal(resized, torch.from_numpy(by_hand.copy()))
+    image = Image.merge("RGB", [mask] * 3)
+    pixels = parts_eval_preprocess(image, np.zeros((15, 4)), [0, 0, 1, 1], size)["pixel_values"]
+    assert pixels.shape[-2:] == resized.shape  # same geometry as the evaluated image
+    # the tensor ("legacy nearest") resize this replaces moves a few percent of the pixels of a blocky mask
+    legacy = F.interpolate(torch.from_numpy(np.asarray(mask))[None, None].float(), size=(128, 180), mode="nearest")
+    moved = (legacy[0, 0, :, 26:26 + size].to(torch.uint8) != resized).float().mean().item()
+    assert 0.02 < moved < 0.2

@@ -1,4 +1,4 @@
-"""Tests of the §6.4 NMI/ARI and §6.5 keypoint-regression metrics."""
+"""Tests of the docs/method.md#nmi-and-ari NMI/ARI and docs/method.md#keypoint-regression keypoint-regression metrics."""
 
 import numpy as np
 import pytest
@@ -53,7 +53,7 @@ def random_keypoints(generator, num_images, num_keypoints=15, size=IMAGE_SIZE):
 
 
 def literal_assignments(maps, keypoints, size=IMAGE_SIZE):
-    """§6.4 one image and one keypoint at a time (a single-point grid_sample per keypoint)."""
+    """docs/method.md#nmi-and-ari one image and one keypoint at a time (a single-point grid_sample per keypoint)."""
     predicted, ground_truth = [], []
     for image_maps, image_keypoints in zip(maps, keypoints):
         upsampled = F.interpolate(image_maps[None], size=(size, size), mode="bilinear", align_corners=False)
@@ -138,7 +138,7 @@ def literal_centroids(maps, boxes, size=IMAGE_SIZE):
 
 
 def literal_kpr(fit_features, fit_active, fit_keypoints, eval_features, eval_active, eval_keypoints):
-    """§6.5 with explicit standardisation (ddof 0, unit scale for constant features) and lstsq."""
+    """docs/method.md#keypoint-regression with explicit standardisation (ddof 0, unit scale for constant features) and lstsq."""
 
     def design(features, active):
         x = features.reshape(len(features), -1).numpy().copy()

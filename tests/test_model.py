@@ -1,4 +1,4 @@
-"""Core model: output shapes, freezing, gradient reach (§1.10), determinism, §9 fast forms vs the literal formulas."""
+"""Core model: output shapes, freezing, gradient reach (docs/method.md#stop-gradients), determinism, docs/method.md#equivalent-forms fast forms vs the literal formulas."""
 
 import pytest
 import torch
@@ -17,7 +17,7 @@ def images(batch=BATCH, size=64, seed=0):
 
 
 def test_output_shapes(model, config):
-    """The table of §1.12 scaled down: D=32, 8x8 grid, n_pro 6,5,4 -> K=3 parts, S=2 prompted blocks, 7 classes."""
+    """The table of docs/method.md#outputs scaled down: D=32, 8x8 grid, n_pro 6,5,4 -> K=3 parts, S=2 prompted blocks, 7 classes."""
     model.train()
     out = model(images(), labels=torch.tensor([0, 1, 2]))
     assert out.logits.shape == (BATCH, 7)
@@ -62,7 +62,7 @@ def test_eval_loss_is_cross_entropy(model):
 
 
 def test_trainable_parameters_follow_spec_4_1():
-    """Full-size model (meta device): the trainable count of §1.3 and the frozen set of §4.1 (incl. Q1)."""
+    """Full-size model (meta device): the trainable count of docs/method.md#learnable-tensors and the frozen set of docs/method.md#parameter-groups (incl. docs/method.md#quirks [prompt norm frozen])."""
     with torch.device("meta"):
         model = IvptForImageClassification(IvptConfig())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -86,7 +86,7 @@ def trainable_with_grad(model, loss):
 
 
 def test_gradient_reach_table(config):
-    """§1.10: which trainable tensors get non-zero gradient from each loss term (tiny model, S=2 prompted stages)."""
+    """docs/method.md#stop-gradients: which trainable tensors get non-zero gradient from each loss term (tiny model, S=2 prompted stages)."""
     torch.manual_seed(0)
     model = IvptForImageClassification(config).train()
     out = model(images(batch=4), labels=torch.tensor([0, 1, 2, 3]))
@@ -131,7 +131,7 @@ def test_eval_is_deterministic_without_noise(model):
 
 
 def test_routing_noise_in_eval_when_enabled():
-    """§1.14: with noise in eval, logits and maps of stages >= 1 are random; stage 0 (before any prompt) is not."""
+    """docs/method.md#routing-noise-at-evaluation: with noise in eval, logits and maps of stages >= 1 are random; stage 0 (before any prompt) is not."""
     torch.manual_seed(0)
     model = IvptForImageClassification(tiny_config(sample_routing_noise_in_eval=True)).eval()
     first, second = model(images()), model(images())
@@ -203,7 +203,7 @@ def test_gradient_checkpointing_same_gradients(config):
 
 
 def test_equivariance_pass_without_backbone_graph_has_same_gradients(model):
-    """§9.6: maps recomputed from no-grad tokens give the prototypes the same gradients as a full-graph pass."""
+    """docs/method.md#equivalent-forms: maps recomputed from no-grad tokens give the prototypes the same gradients as a full-graph pass."""
     model.train()
     x = images()
     torch.manual_seed(3)
@@ -221,7 +221,7 @@ def test_equivariance_pass_without_backbone_graph_has_same_gradients(model):
 
 
 def test_bf16_autocast_keeps_maps_in_fp32(model):
-    """§9.2: under bf16 autocast the distances and softmax stay fp32; maps agree with fp32 within 0.05."""
+    """docs/method.md#equivalent-forms: under bf16 autocast the distances and softmax stay fp32; maps agree with fp32 within 0.05."""
     model.eval()
     x = images()
     reference = model(x)
@@ -233,11 +233,11 @@ def test_bf16_autocast_keeps_maps_in_fp32(model):
     assert mixed.part_features.dtype == torch.float32
 
 
-# ---- §9 fast forms against the literal formulas of §1.4-§1.8, float64, values and gradients ----------------------
+# ---- docs/method.md#equivalent-forms fast forms against the literal formulas of docs/method.md#prototype-assignment-maps to docs/method.md#projected-maps, float64, values and gradients ----------------------
 
 
 def literal_logits(features_grid, prototypes, bias):
-    """§1.4 with explicitly expanded norms: features (B, D, H, W), prototypes (P, D), bias (P, H, W)."""
+    """docs/method.md#prototype-assignment-maps with explicitly expanded norms: features (B, D, H, W), prototypes (P, D), bias (P, H, W)."""
     z_sq = (features_grid**2).sum(1, keepdim=True).expand(-1, prototypes.shape[0], -1, -1)
     q_sq = (prototypes**2).sum(1)[None, :, None, None]
     dots = torch.einsum("bdhw,pd->bphw", features_grid, prototypes)
@@ -245,7 +245,7 @@ def literal_logits(features_grid, prototypes, bias):
 
 
 def literal_hard_pool(maps, features_grid):
-    """§1.5 with the (B, D, P, H, W) broadcast of the release."""
+    """docs/method.md#hard-assignment-pooling with the (B, D, P, H, W) broadcast of the release."""
     winners = F.one_hot(maps.argmax(1), maps.shape[1]).permute(0, 3, 1, 2).to(maps.dtype)
     weights = maps * winners  # (B, P, H, W)
     product = weights[:, None] * features_grid[:, :, None]  # (B, D, P, H, W)
@@ -290,7 +290,7 @@ def test_hard_pool_matches_literal_with_empty_prototypes():
 
 
 def test_routing_prompts_and_projection_match_literal_loops():
-    """§1.6-§1.8 against per-part loops: routing rows, empty rows uniform, prompt means, projected maps."""
+    """docs/method.md#routing-to-the-final-parts to docs/method.md#projected-maps against per-part loops: routing rows, empty rows uniform, prompt means, projected maps."""
     torch.manual_seed(0)
     model = IvptForImageClassification(tiny_config(gumbel_routing=False)).double()
     stage = model.ivpt.stages[0]

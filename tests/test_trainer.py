@@ -1,4 +1,4 @@
-"""IvptTrainer and train_ivpt.py: parameter groups (§4.1/§4.2), StepLR (§4.3), a short CPU training run with every
+"""IvptTrainer and train_ivpt.py: parameter groups (docs/method.md#parameter-groups/docs/method.md#optimizer-and-schedule), StepLR (docs/method.md#optimizer-and-schedule), a short CPU training run with every
 loss term logged and a reloadable checkpoint, exact resume, and the bad-input errors of the CLI."""
 
 import json
@@ -82,7 +82,7 @@ def tiny_model(seed=0, **overrides):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Parameter groups (§4.1, §4.2)
+# Parameter groups (docs/method.md#parameter-groups, docs/method.md#optimizer-and-schedule)
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -102,7 +102,7 @@ def test_parameter_groups_match_spec():
            for p in ("weight", "bias")]
     )
     assert members["scratch"]["trainable"] == ["classifier.weight"]
-    # Frozen: the whole backbone except cls/reg/pos (final norm included, Q2) and the prompt LayerNorm (Q1), which
+    # Frozen: the whole backbone except cls/reg/pos (final norm included, docs/method.md#quirks [final norm frozen]) and the prompt LayerNorm (docs/method.md#quirks [prompt norm frozen]), which
     # lands in the backbone-with-decay group because its (K, D) affine is 2-D.
     decay, no_decay = members["backbone_decay"]["frozen"], members["backbone_no_decay"]["frozen"]
     prompt_norm = [f"ivpt.stages.{s}.prompt_norm.{p}" for s in range(2) for p in ("weight", "bias")]
@@ -149,11 +149,11 @@ def test_trainer_optimizer_groups_and_normalised_weight_decay(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# StepLR (§4.3)
+# StepLR (docs/method.md#optimizer-and-schedule)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def expected_factor(epoch):  # 1-based epoch, §4.3
+def expected_factor(epoch):  # 1-based epoch, docs/method.md#optimizer-and-schedule
     return 0.5 ** ((epoch - 1) // 4)
 
 
@@ -168,7 +168,7 @@ def test_epoch_step_decay_25_epochs():
 @pytest.mark.parametrize("accumulation", [1, 2, 3])
 def test_trainer_step_lr_per_epoch(tmp_path, accumulation):
     """10 images, batch 2 → 5 batches per epoch → ceil(5 / accumulation) optimizer updates per epoch (the Trainer's
-    count, its last update of an epoch taking the remainder batches); the lr of every group follows §4.3."""
+    count, its last update of an epoch taking the remainder batches); the lr of every group follows docs/method.md#optimizer-and-schedule."""
     train, _ = training_set(10)
     args = training_args(tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=accumulation,
                          num_train_epochs=25)
@@ -251,7 +251,7 @@ def test_sample_seeding_leaves_the_global_rng_alone():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Mixed precision: clipping after unscaling (§8 Q12)
+# Mixed precision: clipping after unscaling (docs/method.md#quirks [AMP clipping])
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -294,7 +294,7 @@ def test_fp32_gradients_are_clipped_to_max_grad_norm(fp32_clipping):
 def test_fp16_gradients_are_clipped_after_unscaling(tmp_path, fp32_clipping):
     """The CUDA fp16 path (autocast + GradScaler) on CPU: accelerate makes no scaler on CPU, so one is put where it
     would be on a GPU. The applied gradients have norm exactly `max_grad_norm` in unscaled units (clipping the
-    scaled gradients, Q12, would leave norm 2 / scale), and the logged norm is the unscaled one (≈ the fp32 run's)."""
+    scaled gradients, docs/method.md#quirks [AMP clipping], would leave norm 2 / scale), and the logged norm is the unscaled one (≈ the fp32 run's)."""
     expected, _ = fp32_clipping
     trainer, spy = _clipping_run(tmp_path, "fp16", fp16=True)
     scale = 2.0**10

@@ -1,7 +1,7 @@
 """Two-process CPU data parallelism with `accelerate launch --multi_gpu --num_processes 2 --cpu` (gloo).
 
 The objective of the recipe has batch statistics (presence: max over the device batch; one equivariance warp per
-device batch; Gumbel noise drawn per process), so a 2 × 4 run and a 1 × 8 run are *different* objectives (§3.10).
+device batch; Gumbel noise drawn per process), so a 2 × 4 run and a 1 × 8 run are *different* objectives (docs/method.md#device-batch-semantics).
 To make the comparison meaningful the runs here use a configuration whose objective is a plain mean of per-sample
 terms: `gumbel_routing=False`, `presence_loss_weight=0`, `equivariance_loss_weight=0` (every other term — cross
 entropy, consistency KL, total variation (normalised by B·H·W), orthogonality, enforced presence, entropy — is a mean

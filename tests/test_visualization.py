@@ -1,4 +1,4 @@
-"""Visualisation (ALGORITHM.md §7, Q11/Q29 fixes), explain() and the explanation pipeline. CPU only, no network."""
+"""Visualisation (docs/method.md#visualisation, docs/method.md#quirks [hierarchy threshold 0.1]/docs/method.md#quirks [hierarchy figure crashes] fixes), explain() and the explanation pipeline. CPU only, no network."""
 
 from pathlib import Path
 
@@ -64,7 +64,7 @@ def test_palette_is_distinct_and_cycles():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §7.1 overlays and crop mosaics
+# docs/method.md#part-overlays overlays and crop mosaics
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -81,7 +81,7 @@ def test_part_overlays_one_png_per_stage_with_grid_size(tmp_path, model):
 
 
 def test_crop_mosaics_include_the_highest_foreground_label_and_skip_background(tmp_path):
-    # 4 images, 4 prototypes (3 = background). Label 2 (the highest foreground one, skipped by the release loop, Q29)
+    # 4 images, 4 prototypes (3 = background). Label 2 (the highest foreground one, skipped by the release loop, docs/method.md#quirks [hierarchy figure crashes])
     # is in all 4 images, label 0 in one, label 1 nowhere.
     labels = torch.full((4, 8, 8), 3)
     labels[:, 2:5, 2:6] = 2
@@ -108,7 +108,7 @@ def test_prototype_crops_and_mosaic_edge_cases():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §7.2 relation matrices, parents, gallery, multi-row figure
+# docs/method.md#hierarchy relation matrices, parents, gallery, multi-row figure
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -262,7 +262,7 @@ def test_hierarchy_figure_text_is_never_clipped_or_over_an_image(cell_size):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# §7.3 consistency figures
+# docs/method.md#consistency-figures consistency figures
 # ---------------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Offline augmentation of the cropped CUB training images (spec §5.4), with torchvision v2.
+"""Offline augmentation of the cropped CUB training images (docs/method.md#offline-augmentation), with torchvision v2.
 
 The reference runs three Augmentor pipelines (rotate, skew, shear), each followed by a horizontal
 flip with p = 0.5, and calls each pipeline 10 times over every cropped training image: 30 outputs
@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 AUGMENTATIONS: tuple[str, ...] = ("rotate", "skew", "shear")
-NUM_PASSES = 10  # Augmentor `process()` calls per pipeline (§5.4)
+NUM_PASSES = 10  # Augmentor `process()` calls per pipeline (docs/method.md#offline-augmentation)
 
 # image (PIL RGB), optional mask (PIL "L"), keypoints (`KeyPoints`), boxes (`BoundingBoxes`)
 Sample = dict[str, Any]
@@ -171,7 +171,7 @@ def augmentation_rng(seed: int, image_id: int, augmentation: str, pass_index: in
 
 
 def augment_sample(sample: Sample, augmentation: str, rng: random.Random) -> tuple[Sample, bool]:
-    """One pipeline of §5.4: the operation, then a horizontal flip with p = 0.5.
+    """One pipeline of docs/method.md#offline-augmentation: the operation, then a horizontal flip with p = 0.5.
 
     Returns the transformed sample and whether it was flipped.
     """
@@ -191,7 +191,7 @@ def offline_augmentations(
     image_id: int,
     passes: int = NUM_PASSES,
 ) -> Iterator[dict[str, Any]]:
-    """All §5.4 outputs of one cropped training image: 3 pipelines × `passes`.
+    """All docs/method.md#offline-augmentation outputs of one cropped training image: 3 pipelines × `passes`.
 
     Yields dicts with ``image`` (PIL RGB), ``keypoints`` (num_parts, 4) rows (visible points moved
     off the canvas become hidden), ``bbox`` (4,) ``[x, y, w, h]`` (the transformed source box,

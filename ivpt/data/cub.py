@@ -1,19 +1,19 @@
-"""CUB-200-2011 as a `datasets` builder (spec §5), plus the `load_cub` loader and an export CLI.
+"""CUB-200-2011 as a `datasets` builder (docs/method.md#data-protocol), plus the `load_cub` loader and an export CLI.
 
 `datasets` 5 no longer runs loading scripts, so the builder is a `GeneratorBasedBuilder` subclass
 shipped in the package (`Cub200`) and `load_cub` drives it. Sources: the official layout
-(§5.1) as a folder, or the ``CUB_200_2011.tgz`` download itself; masks come from an optional
+(docs/method.md#cub-layout) as a folder, or the ``CUB_200_2011.tgz`` download itself; masks come from an optional
 ``segmentations/`` folder or ``segmentations.tgz`` (inside the root or next to it).
 
 Configs:
 
 * ``full`` (default) — the original images. Splits ``train`` / ``test`` (train_test_split.txt).
-* ``cropped`` — images cropped to the box with the integer arithmetic of §5.3
+* ``cropped`` — images cropped to the box with the integer arithmetic of docs/method.md#box-cropping
   (x1 = ⌊x⌋, y1 = ⌊y⌋, x2 = x1 + ⌊w⌋, y2 = y1 + ⌊h⌋, the text cut at the decimal point), encoded
   as JPEG quality 95 (the reference writes its crops with OpenCV at that quality); keypoints, box
   and mask moved into crop coordinates. Keypoints are only shifted (a visible keypoint outside
-  the crop keeps its flag and out-of-crop coordinates), so §6.2 can be computed exactly.
-* ``cropped_augmented`` — split ``train`` only: the offline augmentation of §5.4 (rotate / skew /
+  the crop keeps its flag and out-of-crop coordinates), so docs/method.md#consistency can be computed exactly.
+* ``cropped_augmented`` — split ``train`` only: the offline augmentation of docs/method.md#offline-augmentation (rotate / skew /
   shear, each + h-flip p = 0.5, 10 passes → 30 images per training image), see
   `ivpt.data.augment`; deterministic given ``seed``.
 
@@ -26,7 +26,7 @@ Features (all configs)::
     bbox       List(float32, 4)              [x, y, w, h]
     keypoints  List({part_id: int32, x: float32, y: float32, visible: int32}, num_parts)
     mask       Image() or None               segmentation ("L"), None without segmentations
-    cropped*:  crop_box  List(int32, 4)      §5.3 box [x1, y1, x2, y2] in original coordinates
+    cropped*:  crop_box  List(int32, 4)      docs/method.md#box-cropping box [x1, y1, x2, y2] in original coordinates
     augmented: augmentation ClassLabel(rotate/skew/shear), augmentation_pass int32, flipped bool
 
 Robustness: every annotation line is validated (field count, numbers, ids known to every file,
@@ -109,7 +109,7 @@ class CubRecord:
     label: int  # 0-based index into the sorted class ids of classes.txt
     is_train: bool
     bbox: tuple[float, float, float, float]  # x, y, w, h
-    crop_box: tuple[int, int, int, int]  # §5.3: x1, y1, x2, y2
+    crop_box: tuple[int, int, int, int]  # docs/method.md#box-cropping: x1, y1, x2, y2
     keypoints: tuple[tuple[int, float, float, int], ...]  # (part_id, x, y, visible), parts.txt order
 
 
@@ -182,14 +182,14 @@ def _read_id_table(path: Path, count: int, last_is_text: bool = False) -> dict[i
 
 
 def _truncate_text(text: str) -> int:
-    """Integer part of a decimal string, by cutting at the decimal point (§5.3, Q27)."""
+    """Integer part of a decimal string, by cutting at the decimal point (docs/method.md#box-cropping, docs/method.md#quirks [box truncation])."""
     if re.fullmatch(r"[+-]?\d+(\.\d*)?", text):
         return int(text.split(".")[0])
     return math.trunc(float(text))  # exponent notation etc.: same result for ordinary values
 
 
 def crop_box_from_text(x: str, y: str, w: str, h: str) -> tuple[int, int, int, int]:
-    """§5.3 integer crop box from the bounding_boxes.txt fields: (x1, y1, x1 + ⌊w⌋, y1 + ⌊h⌋)."""
+    """docs/method.md#box-cropping integer crop box from the bounding_boxes.txt fields: (x1, y1, x1 + ⌊w⌋, y1 + ⌊h⌋)."""
     x1, y1 = _truncate_text(x), _truncate_text(y)
     return x1, y1, x1 + _truncate_text(w), y1 + _truncate_text(h)
 
@@ -216,7 +216,7 @@ def _check_relative_name(path: Path, number: int, name: str) -> None:
 
 
 def read_annotations(root: str | Path) -> CubAnnotations:
-    """Parses and cross-checks the text files of a CUB_200_2011 folder (§5.1).
+    """Parses and cross-checks the text files of a CUB_200_2011 folder (docs/method.md#cub-layout).
 
     Raises:
         CubFormatError: naming the file and line of the first problem found.
@@ -493,7 +493,7 @@ def _check_keypoints(record: CubRecord, size: tuple[int, int], locs: Path) -> No
 
 
 def _clamped_crop_box(record: CubRecord, size: tuple[int, int], boxes_txt: Path) -> tuple[int, int, int, int]:
-    """The §5.3 box clamped to the image (the reference's array slicing clamps the same way)."""
+    """The docs/method.md#box-cropping box clamped to the image (the reference's array slicing clamps the same way)."""
     width, height = size
     x1, y1, x2, y2 = record.crop_box
     clamped = (max(x1, 0), max(y1, 0), min(x2, width), min(y2, height))
@@ -529,7 +529,7 @@ class Cub200Config(datasets.BuilderConfig):
         segmentations: path of a ``segmentations`` folder / archive; None to auto-detect; False to
             ignore masks.
         seed: seed of the offline augmentation (``cropped_augmented``).
-        augmentation_passes: passes per augmentation pipeline (10 in §5.4).
+        augmentation_passes: passes per augmentation pipeline (10 in docs/method.md#offline-augmentation).
     """
 
     def __init__(
@@ -675,7 +675,7 @@ class Cub200(datasets.GeneratorBasedBuilder):
     def _augmented_examples(
         self, base: dict[str, Any], crop: Image.Image, crop_mask: Optional[Image.Image], keypoints: list, bbox: list
     ) -> Iterator[dict[str, Any]]:
-        """The 3 × passes §5.4 outputs of one cropped training image."""
+        """The 3 × passes docs/method.md#offline-augmentation outputs of one cropped training image."""
         from .augment import AUGMENTATIONS, offline_augmentations
 
         # The reference augments the re-encoded JPEG crops: decode ours the same way.
@@ -707,9 +707,9 @@ def _mask_value(mask: Optional[Image.Image]) -> Optional[dict[str, Any]]:
 def _crop_record(
     record: CubRecord, image: Image.Image, mask: Optional[Image.Image], boxes_txt: Path
 ) -> tuple[Image.Image, Optional[Image.Image], list, list]:
-    """§5.3 crop of the image and mask; keypoints and box moved into crop coordinates.
+    """docs/method.md#box-cropping crop of the image and mask; keypoints and box moved into crop coordinates.
 
-    Coordinates are relative to the crop origin (the §5.3 corner x1, y1, clamped to the image).
+    Coordinates are relative to the crop origin (the docs/method.md#box-cropping corner x1, y1, clamped to the image).
     Hidden keypoints keep (0, 0); visible ones are only shifted (they may fall outside the crop).
     """
     left, top, right, bottom = _clamped_crop_box(record, image.size, boxes_txt)
@@ -748,7 +748,7 @@ def load_cub(
         cache_dir: where the Arrow files go (default ``$IVPT_CACHE`` or ``<HF datasets cache>/ivpt``).
         segmentations: masks folder / archive; None to auto-detect; False for no masks.
         seed: seed of the offline augmentation.
-        augmentation_passes: passes per augmentation pipeline (§5.4: 10).
+        augmentation_passes: passes per augmentation pipeline (docs/method.md#offline-augmentation: 10).
         num_proc: processes used to build.
         content_hash: also key the images and archives on their contents (sha256) instead of size,
             mtime and ctime (annotation files are always keyed on their contents).
@@ -822,9 +822,9 @@ def export_image_folders(dataset: datasets.DatasetDict, config: str, out_dir: st
     """Writes the image folders of the reference scripts from a loaded dataset.
 
     * ``cropped`` → ``<out>/train_cropped/<class_dir>/<file>`` and ``<out>/test_cropped/...``
-      (§5.3), plus copies of images.txt, image_class_labels.txt, train_test_split.txt when `root`
+      (docs/method.md#box-cropping), plus copies of images.txt, image_class_labels.txt, train_test_split.txt when `root`
       (the CUB folder) is given;
-    * ``cropped_augmented`` → ``<out>/train_cropped_augmented/<class_dir>/<file>`` (§5.4);
+    * ``cropped_augmented`` → ``<out>/train_cropped_augmented/<class_dir>/<file>`` (docs/method.md#offline-augmentation);
     * ``full`` → ``<out>/train/<class_dir>/<file>`` and ``<out>/test/...``.
     Image bytes are written as stored (no re-encoding). Returns `out_dir`.
     """

@@ -7,7 +7,7 @@ combination of *large, coloured part attributes* (body colour, head colour, wing
 pattern, tail shape; the tail has the wing colour), chosen so that any two classes differ in at
 least two (usually three) parts: classification needs the parts, not the background.
 
-The output follows the official layout (spec §5.1)::
+The output follows the official layout (docs/method.md#cub-layout)::
 
     <out>/CUB_200_2011/
         images/<NNN.Class_name>/<Class_name>_<NNNN>_<id>.jpg

@@ -1,10 +1,10 @@
 """Image transforms of the IVPT recipe that also move keypoints, boxes and masks.
 
-* `train_transform` — on-the-fly training augmentation (spec §4.5);
-* `eval_transform` — classification evaluation (resize shorter side, centre crop; §4.5);
-* `consistency_transform` — consistency / stability protocol (§6.2; the canvas points are
+* `train_transform` — on-the-fly training augmentation (docs/method.md#training-augmentation);
+* `eval_transform` — classification evaluation (resize shorter side, centre crop; docs/method.md#training-augmentation);
+* `consistency_transform` — consistency / stability protocol (docs/method.md#consistency; the canvas points are
   `ivpt.metrics.part_points_on_canvas`);
-* `parts_eval_preprocess` — part-annotated NMI / ARI / KPR items (§5.5), exact arithmetic.
+* `parts_eval_preprocess` — part-annotated NMI / ARI / KPR items (docs/method.md#part-annotated-items), exact arithmetic.
 
 The first three are torchvision v2 pipelines: they accept a PIL image alone, or a sample dict of
 ``tv_tensors`` built with `to_tv_sample` (``image``, ``keypoints`` (`KeyPoints`), ``boxes``
@@ -142,21 +142,30 @@ def from_tv_sample(sample: Mapping[str, Any], rows: Optional[torch.Tensor]) -> d
     return out
 
 
+def _to_unit_float() -> list[v2.Transform]:
+    """uint8 image -> float32 in [0, 1] by dividing by 255, as `ToTensor` in the release.
+
+    `v2.ToDtype(scale=True)` multiplies by 1/255 instead, which differs by one ulp for about half of the 256 levels;
+    a zero-mean `Normalize` with std 255 is exactly the division. Masks and other non-image inputs pass untouched.
+    """
+    return [v2.ToImage(), v2.ToDtype(torch.float32), v2.Normalize(mean=[0.0] * 3, std=[255.0] * 3)]
+
+
 def _to_normalised_tensor(mean: Sequence[float], std: Sequence[float]) -> list[v2.Transform]:
-    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=list(mean), std=list(std))]
+    return [*_to_unit_float(), v2.Normalize(mean=list(mean), std=list(std))]
 
 
 def train_transform(
     image_size: int = 518, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> v2.Compose:
-    """§4.5 training augmentation (``cub_original``), as a torchvision v2 pipeline.
+    """docs/method.md#training-augmentation training augmentation (``cub_original``), as a torchvision v2 pipeline.
 
     1. resize shorter side to `image_size` (bilinear, antialias);  2. horizontal flip p = 0.5;
     3. random affine: rotation U(−90°, 90°), translation up to 20 % (integer pixels),
        scale U(0.8, 1.2), no shear, nearest interpolation, black fill;
     4. random crop `image_size` × `image_size`;  5. to float in [0, 1] and ImageNet normalisation.
     The reference's RandomVerticalFlip(p=0) and ColorJitter() with zero strengths are no-ops and
-    are left out (spec §4.5, Q25).
+    are left out (docs/method.md#training-augmentation, docs/method.md#quirks [no-op colour jitter]).
     """
     return v2.Compose(
         [
@@ -174,7 +183,7 @@ def train_transform(
 def eval_transform(
     image_size: int = 518, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> v2.Compose:
-    """§4.5 / §6.1 evaluation: resize shorter side → centre crop → [0, 1] → ImageNet normalisation."""
+    """docs/method.md#training-augmentation / docs/method.md#classification-accuracy evaluation: resize shorter side → centre crop → [0, 1] → ImageNet normalisation."""
     return v2.Compose(
         [
             v2.Resize(image_size, interpolation=v2.InterpolationMode.BILINEAR, antialias=True),
@@ -190,7 +199,7 @@ eval_transform.__test__ = False  # type: ignore[attr-defined]  # not a pytest te
 def consistency_transform(
     image_size: int = 518, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
 ) -> v2.Compose:
-    """§6.2 step 1 (cropped test images): resize to exactly `image_size`² (aspect ratio not kept,
+    """docs/method.md#consistency step 1 (cropped test images): resize to exactly `image_size`² (aspect ratio not kept,
     bilinear) → [0, 1] → ImageNet normalisation."""
     return v2.Compose(
         [
@@ -253,16 +262,16 @@ def batch_transform(transform: Callable) -> Callable[[dict[str, list]], dict[str
 def parts_eval_preprocess(
     image: Image.Image, keypoints: Any, bbox: Sequence[float], image_size: int = 518
 ) -> dict[str, torch.Tensor]:
-    """§5.5 item of the part-annotated dataset (NMI / ARI / KPR), with the reference arithmetic.
+    """docs/method.md#part-annotated-items item of the part-annotated dataset (NMI / ARI / KPR), with the reference arithmetic.
 
     1. factor = image_size / min(H, W); keypoints with visible ≠ 0 and the whole box are scaled
        by it (the exact factor, not the realised pixel ratio — hand-written for that reason);
     2. resize shorter side to `image_size` (bilinear; longer side truncated), to [0, 1],
-       **no** mean/std normalisation (Q20);
+       **no** mean/std normalisation (docs/method.md#quirks [unnormalised parts input]);
     3. centre crop `image_size`²: top = round((H′ − S)/2), left = round((W′ − S)/2) (torchvision's
        rounding); visible keypoints shifted; any keypoint outside [0, S] on either axis becomes
        invisible; coordinates clamped to [0, S]; box x, y shifted and clamped (w, h unchanged).
-    The inputs are copied, never modified (Q21).
+    The inputs are copied, never modified (docs/method.md#quirks [in-place annotations]).
 
     Returns:
         ``pixel_values`` (3, S, S) in [0, 1], ``keypoints`` (num_parts, 4) ``[part_id, x, y,
@@ -281,7 +290,7 @@ def parts_eval_preprocess(
     new_height, new_width = resized.height, resized.width
     top = int(round((new_height - image_size) / 2.0))
     left = int(round((new_width - image_size) / 2.0))
-    pixels = F.to_dtype(F.to_image(resized), torch.float32, scale=True)
+    pixels = F.to_image(resized).to(torch.float32) / 255  # divided, as the release's ToTensor
     pixels = F.center_crop(pixels, [image_size, image_size])  # same offsets as `top` / `left`
 
     rows[visible, 1] -= left

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 from accelerate import PartialState
 
+from ..report import parts_input_variant
 from .metrics import REGISTRY
 from .passes import PASSES, PassContext, gather_records, group_by_model_input, iterate
 from .schema import EvaluationData, label_names
@@ -244,6 +245,8 @@ def evaluate_dataset(
             result["processes"][pass_name] = result["processes"].pop(pass_name)
             for name in names[pass_name]:
                 result["metrics"].update(REGISTRY[name].reduce(records[name], fit_records.get(name), context))
+            if pass_name == "parts" and names[pass_name]:  # every report names the input variant of the parts metrics
+                result["metrics"]["parts_input"] = parts_input_variant(settings.normalise_parts_input)
     finally:
         model.train(was_training)
     result["model_fingerprint"] = model_fingerprint(model)

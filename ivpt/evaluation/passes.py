@@ -6,7 +6,7 @@
 | `box_crop`       | images cropped to the object box  | warp to image_size² + ImageNet normalisation (stability   |
 |                  |                                   | adds N(0, 0.2²) noise clipped to ±0.25, seeded per image) |
 | `parts`          | full images                       | short side + centre crop, not normalised unless           |
-|                  |                                   | `normalise_parts_input`; masks: nearest                   |
+|                  |                                   | `normalise_parts_input`; masks: PIL nearest               |
 
 A pass yields `PassOutputs` per batch: the preprocessed batch plus model outputs computed on first use (so the noisy
 forward of the stability metric runs only when that metric is requested). Each pass also declares its model input
@@ -29,8 +29,6 @@ import datasets
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as TF
 from tqdm.auto import tqdm
 
 from .. import metrics
@@ -159,7 +157,11 @@ class BoxCropOutputs(PassOutputs):
         return self._hits(self.maps, self.regions)
 
     @cached_property
-    def noisy_hits(self) -> torch.Tensor:
+    def near_constant(self) -> list[int]:  # per image: maps whose peak is a tie (an absent prototype)
+        return metrics.near_constant_maps(self.maps).sum(1).tolist()
+
+    @cached_property
+    def noisy_maps(self) -> torch.Tensor:
         settings = self.context.settings
         noisy = torch.stack([
             metrics.perturb_normalised_images(
@@ -167,7 +169,15 @@ class BoxCropOutputs(PassOutputs):
                 clip=settings.noise_clip)[0]
             for image, seed in zip(self.batch["pixel_values"], self.batch["noise_seed"])
         ])
-        return self._hits(self.context.maps(noisy))
+        return self.context.maps(noisy)
+
+    @cached_property
+    def noisy_hits(self) -> torch.Tensor:
+        return self._hits(self.noisy_maps)
+
+    @cached_property
+    def noisy_near_constant(self) -> list[int]:
+        return metrics.near_constant_maps(self.noisy_maps).sum(1).tolist()
 
     @cached_property
     def part_logits(self) -> torch.Tensor:
@@ -224,10 +234,8 @@ def _box_crop_preprocess(context: PassContext, source: datasets.Dataset) -> Call
 
 
 def _resized_label_map(image, size: int) -> torch.Tensor:
-    """A mask image -> `(size, size)` uint8 by nearest resize of the short side and centre crop."""
-    mask = TF.pil_to_tensor(image.convert("L"))
-    mask = TF.resize(mask, size, interpolation=InterpolationMode.NEAREST)
-    return TF.center_crop(mask, [size, size])[0]
+    """A mask image -> `(size, size)` uint8, resized like the PIL image (PIL nearest) and centre-cropped."""
+    return metrics.resize_mask_like_image(image, size)
 
 
 def _parts_preprocess(context: PassContext, source: datasets.Dataset) -> Callable:

@@ -61,7 +61,7 @@ def keypoint_xyv(keypoints: torch.Tensor, name: str = "keypoints") -> torch.Tens
     """`(x, y, visible)` columns of a keypoint table.
 
     Accepts `(num_images, num_parts, 3)` rows `(x, y, visible)` or `(num_images, num_parts, 4)`
-    rows `(part_id, x, y, visible)` as the §5.5 dataset returns them (the part id column is
+    rows `(part_id, x, y, visible)` as the docs/method.md#part-annotated-items dataset returns them (the part id column is
     dropped; rows must already be in part-id order).
     """
     check_shape(keypoints, name, ("num_images", "num_parts", "3|4"))
@@ -79,7 +79,7 @@ def box_xywh(boxes: torch.Tensor, name: str = "boxes") -> torch.Tensor:
     """`(x, y, width, height)` columns of a box table.
 
     Accepts `(num_images, 4)` rows `(x, y, width, height)` or `(num_images, 5)` rows
-    `(image_index, x, y, width, height)` as the §5.5 dataset returns them.
+    `(image_index, x, y, width, height)` as the docs/method.md#part-annotated-items dataset returns them.
     """
     check_shape(boxes, name, ("num_images", "4|5"))
     if boxes.shape[-1] == 5:

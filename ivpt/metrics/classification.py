@@ -1,4 +1,4 @@
-"""Classification accuracy (spec §6.1).
+"""Classification accuracy (docs/method.md#classification-accuracy).
 
 The reference evaluates torchmetrics `MulticlassAccuracy(num_classes=200, top_k=k, average=...)`
 for k in (1, 5) and average in ("micro", "macro"), ×100:
@@ -7,12 +7,11 @@ for k in (1, 5) and average in ("micro", "macro"), ×100:
 * macro: mean over classes of the per-class top-k recall (fraction of the images *of that class*
   whose label is among their k highest logits).
 
-Classes absent from `labels` are excluded from the macro mean (their recall is 0/0). This is
-torchmetrics' rule for `top_k > 1` (a class is dropped when `tp + fn == 0`). For `top_k == 1`,
-torchmetrics (1.2.1, the reference version, and later) drops a class only when `tp + fp + fn == 0`,
-i.e. a class that is absent from the targets but *predicted* for some image counts with recall 0.
-We apply the "absent from the targets" rule for every k; both rules agree whenever every class
-occurs in the targets (the full CUB test set has all 200 classes).
+Which classes enter the macro mean: those with `tp + fp + fn > 0`, the rule of torchmetrics 1.2.1 (the release's
+version) for every k. A class absent from `labels` whose index is among the k highest logits of some image (a false
+positive) therefore counts, with recall 0; a class neither present nor predicted is left out. (Later torchmetrics
+versions use `tp + fn > 0`, i.e. "present in the labels", for `top_k > 1`.) Whenever every class occurs in the
+labels (the full CUB test set) the two rules agree and the macro accuracy is the mean per-class recall.
 
 Ties: top-1 uses `argmax` (first maximal logit, as torchmetrics); top-k uses `torch.topk` (as
 torchmetrics' `select_topk`), whose order among exactly tied logits is implementation-defined.
@@ -51,14 +50,14 @@ def top_k_correct(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> tor
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1, average: str = "micro") -> float:
-    """Top-k accuracy in percent (spec §6.1, torchmetrics `MulticlassAccuracy` semantics).
+    """Top-k accuracy in percent (docs/method.md#classification-accuracy, torchmetrics `MulticlassAccuracy` semantics).
 
     Args:
         logits (`torch.Tensor` of shape `(num_images, num_classes)`): class scores.
         labels (`torch.Tensor` of shape `(num_images,)`): integer labels in `[0, num_classes)`.
         k (`int`, defaults to 1): number of top predictions that count.
-        average (`str`, defaults to `"micro"`): `"micro"` (over images) or `"macro"` (mean over the
-            classes present in `labels` of the per-class top-k recall; see the module docstring).
+        average (`str`, defaults to `"micro"`): `"micro"` (over images) or `"macro"` (mean of the per-class top-k
+            recall over the classes that occur in `labels` or among the top-k predictions; see the module docstring).
 
     Returns:
         `float` in [0, 100].
@@ -72,17 +71,20 @@ def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1, avera
         return 100.0 * correct.double().mean().item()
     num_classes = logits.shape[1]
     labels = labels.to(logits.device)
-    totals = torch.bincount(labels, minlength=num_classes)
-    hits = torch.bincount(labels[correct], minlength=num_classes)
-    present = totals > 0
-    recall = hits[present].double() / totals[present].double()
-    return 100.0 * recall.mean().item()
+    totals = torch.bincount(labels, minlength=num_classes)  # tp + fn per class
+    hits = torch.bincount(labels[correct], minlength=num_classes)  # tp
+    predicted = logits.argmax(1, keepdim=True) if k == 1 else logits.topk(k, dim=1).indices
+    predicted_counts = torch.zeros(num_classes, dtype=torch.long, device=logits.device)
+    predicted_counts.scatter_add_(0, predicted.flatten(), torch.ones_like(predicted.flatten()))  # tp + fp
+    counted = (totals + predicted_counts) > 0  # tp + fp + fn > 0
+    recall = hits.double() / totals.clamp(min=1).double()  # 0 for a predicted but absent class
+    return 100.0 * recall[counted].mean().item()
 
 
 def classification_accuracies(
     logits: torch.Tensor, labels: torch.Tensor, top_k: Sequence[int] = (1, 5)
 ) -> dict[str, float]:
-    """The §6.1 accuracies: micro and macro top-k for every k in `top_k`, in percent.
+    """The docs/method.md#classification-accuracy accuracies: micro and macro top-k for every k in `top_k`, in percent.
 
     Args:
         logits (`torch.Tensor` of shape `(num_images, num_classes)`): class scores.

@@ -1,12 +1,12 @@
-"""Consistency and stability scores (spec §6.2, §6.3; Huang et al., ICCV 2023, as adapted by IVPT).
+"""Consistency and stability scores (docs/method.md#consistency, docs/method.md#stability; Huang et al., ICCV 2023, as adapted by IVPT).
 
 Pipeline (one call per batch for the first three steps, then one score over the test set)::
 
-    points, visible = part_points_on_canvas(keypoints, boxes)        # §6.2 step 2
-    regions = prototype_regions(maps)                                 # §6.2 step 3
-    hits = part_hits(regions, points, visible)                        # §6.2 step 3
-    consistency = consistency_score(hits, visible, labels, num_classes)   # §6.2 step 4
-    stability = stability_score(hits, hits_noisy, labels, num_classes)   # §6.3
+    points, visible = part_points_on_canvas(keypoints, boxes)        # docs/method.md#consistency step 2
+    regions = prototype_regions(maps)                                 # docs/method.md#consistency step 3
+    hits = part_hits(regions, points, visible)                        # docs/method.md#consistency step 3
+    consistency = consistency_score(hits, visible, labels, num_classes)   # docs/method.md#consistency step 4
+    stability = stability_score(hits, hits_noisy, labels, num_classes)   # docs/method.md#stability
 
 `maps` are the evaluated stage's assignment maps, background last (at the defaults output #1:
 11 channels, 10 foreground prototypes); the background channel is never scored.
@@ -28,7 +28,7 @@ from ._checks import box_xywh, check_labels, check_same_leading, check_shape, ke
 def part_points_on_canvas(
     keypoints: torch.Tensor, boxes: torch.Tensor, canvas: int = 224
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ground-truth part points on the fixed consistency canvas (spec §6.2 step 2, §5.3).
+    """Ground-truth part points on the fixed consistency canvas (docs/method.md#consistency step 2, docs/method.md#box-cropping).
 
     The box is made integer exactly as `utils/crop.py` does (x1 = ⌊x⌋, y1 = ⌊y⌋,
     x2 = x1 + ⌊w⌋, y2 = y1 + ⌊h⌋), the keypoint coordinates are truncated to int, and the point is
@@ -71,23 +71,53 @@ def part_points_on_canvas(
     return points, visible
 
 
-def prototype_regions(maps: torch.Tensor, canvas: int = 224, half_size: int = 36) -> torch.Tensor:
-    """Square regions around each foreground prototype's peak on the canvas (spec §6.2 step 3).
+# A map whose range is below this fraction of its magnitude is "near-constant": float32 rounding of a bicubic kernel
+# (~1e-6 relative) could move its arg-max anywhere, so its region depends on how the upsampling is computed. That
+# happens for a prototype absent from the image (every value is the eps floor of the map). Reported, not dropped.
+NEAR_CONSTANT_RELATIVE_RANGE = 1e-5
+# Canvas values closer to the maximum than this fraction of the map's range are ties (first in row-major order wins),
+# so float64 rounding of the kernel (~1e-15 relative) never decides between exactly tied canvas pixels.
+PEAK_TIE_RELATIVE_TOLERANCE = 1e-9
 
-    Each map is upsampled to `canvas × canvas` with bicubic interpolation
-    (`F.interpolate(mode="bicubic", align_corners=False)`: the Keys kernel with a = −0.75,
-    half-pixel centres and replicated borders, the same as OpenCV `INTER_CUBIC` used by the
-    reference; the two differ only by float rounding (~1e-6 relative), which can move the argmax
-    only between canvas pixels whose values are equal to that precision). The peak `(r, c)` is the
-    first maximum in row-major order; the region is rows `[max(0, r − h), min(canvas, r + h)]` and
-    columns `[max(0, c − h), min(canvas, c + h)]`, bounds inclusive (note `canvas`, not
-    `canvas − 1`, as the upper clip, as in the reference).
+
+def near_constant_maps(maps: torch.Tensor) -> torch.Tensor:
+    """Which foreground maps are near-constant (their peak is a tie, not a location).
+
+    Args:
+        maps (`torch.Tensor` of shape `(num_images, num_prototypes, height, width)`): assignment maps of the
+            evaluated stage, background last; the background channel is dropped.
+
+    Returns:
+        `torch.Tensor` of shape `(num_images, num_prototypes - 1)`, bool: `max - min <= 1e-5 · max |value|`.
+    """
+    check_shape(maps, "maps", ("num_images", "num_prototypes", "height", "width"))
+    foreground = maps[:, :-1].flatten(2).to(torch.float64)
+    value_range = foreground.amax(-1) - foreground.amin(-1)
+    return value_range <= NEAR_CONSTANT_RELATIVE_RANGE * foreground.abs().amax(-1)
+
+
+def prototype_regions(maps: torch.Tensor, canvas: int = 224, half_size: int = 36) -> torch.Tensor:
+    """Square regions around each foreground prototype's peak on the canvas (see `docs/method.md`, consistency).
+
+    Each map is upsampled to `canvas × canvas` with bicubic interpolation (`F.interpolate(mode="bicubic",
+    align_corners=False)`: the Keys kernel with a = −0.75, half-pixel centres and replicated borders, the kernel of
+    OpenCV `INTER_CUBIC` used by the release) **in float64, after subtracting the map's minimum**. The peak `(r, c)`
+    is the first maximum in row-major order, where canvas values within `1e-9 × (max − min)` of the maximum count as
+    tied. So the region is decided by the map's values, never by kernel rounding:
+
+    * a map with structure only at the float32 rounding level (a prototype absent from the image, see
+      `near_constant_maps`) keeps its true peak; float32 upsampling would place it by rounding noise;
+    * an exactly constant map is a tie everywhere, so its peak is the canvas origin (exact arithmetic);
+    * exactly tied maxima resolve to the first in row-major order.
+
+    The region is rows `[max(0, r − h), min(canvas, r + h)]` and columns `[max(0, c − h), min(canvas, c + h)]`,
+    bounds inclusive (note `canvas`, not `canvas − 1`, as the upper clip, as in the release).
 
     Args:
         maps (`torch.Tensor` of shape `(num_images, num_prototypes, height, width)`): assignment
             maps of the evaluated stage, background last; the background channel is dropped.
         canvas (`int`, defaults to 224): canvas side length.
-        half_size (`int`, defaults to 36): region half size `h` (`run_eval.sh` passes 36).
+        half_size (`int`, defaults to 36): region half size `h` (the release's evaluation script passes 36).
 
     Returns:
         `torch.Tensor` of shape `(num_images, num_prototypes - 1, 4)`, int64:
@@ -96,11 +126,14 @@ def prototype_regions(maps: torch.Tensor, canvas: int = 224, half_size: int = 36
     check_shape(maps, "maps", ("num_images", "num_prototypes", "height", "width"))
     if maps.shape[1] < 2:
         raise ValueError(f"Expected `maps` with at least 2 channels (foreground + background), got {maps.shape[1]}")
-    foreground = maps[:, :-1]
-    if foreground.dtype not in (torch.float32, torch.float64):
-        foreground = foreground.float()
-    upsampled = F.interpolate(foreground, size=(canvas, canvas), mode="bicubic", align_corners=False)
-    peak = upsampled.flatten(2).argmax(dim=-1)
+    foreground = maps[:, :-1].to(torch.float64)
+    low = foreground.amin(dim=(-2, -1), keepdim=True)
+    value_range = foreground.amax(dim=(-2, -1)) - low[..., 0, 0]  # (N, J)
+    upsampled = F.interpolate(foreground - low, size=(canvas, canvas), mode="bicubic", align_corners=False)
+    upsampled = upsampled.flatten(2)  # (N, J, canvas²)
+    tolerance = PEAK_TIE_RELATIVE_TOLERANCE * value_range[..., None]
+    is_peak = upsampled >= upsampled.amax(-1, keepdim=True) - tolerance
+    peak = is_peak.to(torch.uint8).argmax(dim=-1)  # first tied maximum in row-major order
     row, column = peak // canvas, peak % canvas
     return torch.stack(
         [
@@ -114,7 +147,7 @@ def prototype_regions(maps: torch.Tensor, canvas: int = 224, half_size: int = 36
 
 
 def part_hits(regions: torch.Tensor, points: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """Which visible part points fall inside each prototype region (spec §6.2 step 3).
+    """Which visible part points fall inside each prototype region (docs/method.md#consistency step 3).
 
     Args:
         regions (`torch.Tensor` of shape `(num_images, num_foreground_prototypes, 4)`): output of
@@ -151,7 +184,7 @@ def consistency_score(
     num_classes: int,
     threshold: float = 0.8,
 ) -> float:
-    """Consistency score in percent (spec §6.2 step 4).
+    """Consistency score in percent (docs/method.md#consistency step 4).
 
     For every class c and foreground prototype j, over the test images of class c:
     `freq[part] = Σ_i hits[i, j, part] / max(1, Σ_i visible[i, part])`; the pair is consistent if
@@ -183,7 +216,7 @@ def consistency_score(
 def stability_score(
     hits_clean: torch.Tensor, hits_noisy: torch.Tensor, labels: torch.Tensor, num_classes: int
 ) -> float:
-    """Stability score in percent (spec §6.3).
+    """Stability score in percent (docs/method.md#stability).
 
     For every class c and foreground prototype j: the fraction of the class-c test images whose
     part-hit vector (over all parts) is identical in the clean and the perturbed run. Score =
@@ -218,7 +251,7 @@ def perturb_normalised_images(
     std: float = 0.2,
     clip: float = 0.25,
 ) -> torch.Tensor:
-    """Stability noise (spec §6.3): add `clamp(N(0, std²), −clip, clip)` per element.
+    """Stability noise (docs/method.md#stability): add `clamp(N(0, std²), −clip, clip)` per element.
 
     Applied to the already ImageNet-normalised input. The reference draws fresh unseeded noise per
     batch; pass a seeded `generator` (and report its seed) for reproducible scores. The noise is

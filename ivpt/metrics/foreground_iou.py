@@ -1,4 +1,4 @@
-"""Foreground / background IoU (spec §6.6, with the Q18 fix).
+"""Foreground / background IoU (docs/method.md#foreground-iou, with the docs/method.md#quirks [foreground IoU background index] fix).
 
 Streaming use::
 
@@ -15,18 +15,42 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 from ._checks import check_same_leading, check_shape
+
+
+def resize_mask_like_image(mask: Image.Image, image_size: int) -> torch.Tensor:
+    """A segmentation mask brought onto the evaluated image: shorter side to `image_size`, centre crop.
+
+    The PIL mask is resized exactly like the PIL image (same call, same output size) but with PIL's nearest
+    resampling, then centre-cropped with the image's offsets. Resizing the mask as a tensor instead (torch's legacy
+    "nearest", which samples at the top-left of each output pixel rather than its centre) moves a few percent of
+    the pixels of a blocky mask across the block edges.
+
+    Args:
+        mask (`PIL.Image.Image`): grey-level mask of the original image (any mode; converted to "L").
+        image_size (`int`): side of the square evaluated image.
+
+    Returns:
+        `torch.Tensor` of shape `(image_size, image_size)`, uint8.
+    """
+    if not isinstance(mask, Image.Image):
+        raise TypeError(f"Expected `mask` to be a PIL image, got {type(mask).__name__}")
+    resized = TF.resize(mask.convert("L"), image_size, interpolation=InterpolationMode.NEAREST)
+    return TF.center_crop(TF.pil_to_tensor(resized), [image_size, image_size])[0]
 
 
 def foreground_iou_counts(
     maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, max_value: float | None = None
 ) -> torch.Tensor:
-    """Intersection and union pixel counts of one batch (spec §6.6).
+    """Intersection and union pixel counts of one batch (docs/method.md#foreground-iou).
 
     The maps are upsampled to the mask size (bilinear, `align_corners=True`, as the reference);
     a pixel is predicted foreground when its argmax channel is not the *last* channel (the
-    evaluated map's own background, the Q18 fix; the reference used the final stage's index 4).
+    evaluated map's own background, the docs/method.md#quirks [foreground IoU background index] fix; the reference used the final stage's index 4).
     The ground truth is `mask >= threshold · max_value`: the CUB segmentations are soft grey-level
     PNGs and the reference defines no threshold, so by default a pixel is foreground when its grey
     level is at least 50 % of the maximum grey level (≥ 127.5, i.e. ≥ 128 for uint8 masks).
@@ -89,7 +113,7 @@ def foreground_iou_from_counts(counts: torch.Tensor) -> dict[str, float]:
 def foreground_iou(
     maps: torch.Tensor, masks: torch.Tensor, threshold: float = 0.5, max_value: float | None = None
 ) -> dict[str, float]:
-    """Foreground and background IoU in percent of one set of images (spec §6.6).
+    """Foreground and background IoU in percent of one set of images (docs/method.md#foreground-iou).
 
     Equal to `foreground_iou_from_counts(foreground_iou_counts(...))`; see those functions.
     """

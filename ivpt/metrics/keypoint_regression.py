@@ -1,8 +1,12 @@
-"""Keypoint regression error, KPR (spec §6.5, PDiscoFormer protocol).
+"""Keypoint regression error, KPR (docs/method.md#keypoint-regression, PDiscoFormer protocol).
 
 Per batch, `part_centroid_features` turns the maps into box-normalised part centroids and
 `box_normalised_keypoints` normalises the ground-truth keypoints the same way; concatenate them
 over the fit (train) and evaluation (test) sets and call `keypoint_regression_error` once.
+
+Every image counts, in both sets: the release's loaders drop the last partial batch (`drop_last=True`; its fit set
+is also shuffled first, so which training images are dropped is random), so its numbers rest on slightly fewer
+images.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ._checks import box_xywh, check_same_leading, check_shape, keypoint_xyv, pa
 def part_centroid_features(
     maps: torch.Tensor, boxes: torch.Tensor, image_size: int | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Box-normalised soft centroids and activity of the foreground parts (spec §6.5).
+    """Box-normalised soft centroids and activity of the foreground parts (docs/method.md#keypoint-regression).
 
     For every foreground channel A_j (all channels but the last): `active_j = max A_j > 0.5`;
     centroid `row_j = Σ h·A_j / Σ A_j`, `col_j = Σ w·A_j / Σ A_j` with 0-based grid indices,
@@ -33,8 +37,8 @@ def part_centroid_features(
         maps (`torch.Tensor` of shape `(num_images, num_prototypes, height, width)`): assignment
             maps of the evaluated stage, background last.
         boxes (`torch.Tensor` of shape `(num_images, 4)`): `(x, y, width, height)` of the
-            bounding box in input-image pixels (after the §5.5 resize / center crop / clamp);
-            `(num_images, 5)` rows `(image_index, x, y, width, height)` (§5.5) are accepted.
+            bounding box in input-image pixels (after the docs/method.md#part-annotated-items resize / center crop / clamp);
+            `(num_images, 5)` rows `(image_index, x, y, width, height)` (docs/method.md#part-annotated-items) are accepted.
         image_size (`int` or `(height, width)`): input image size (518).
 
     Returns:
@@ -64,7 +68,7 @@ def part_centroid_features(
 
 
 def box_normalised_keypoints(keypoints: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-    """Ground-truth keypoints normalised by the box like the centroids (spec §6.5).
+    """Ground-truth keypoints normalised by the box like the centroids (docs/method.md#keypoint-regression).
 
     Args:
         keypoints (`torch.Tensor` of shape `(num_images, num_keypoints, 3)`): `(x, y, visible)` in
@@ -93,7 +97,7 @@ def keypoint_regression_error(
     eval_active: torch.Tensor,
     eval_keypoints: torch.Tensor,
 ) -> float:
-    """KPR in percent of the box size (spec §6.5 steps 1–6; lower is better).
+    """KPR in percent of the box size (docs/method.md#keypoint-regression steps 1–6; lower is better).
 
     For every keypoint l independently, on the fit and eval images where l is visible
     (`visible > 0.5`): fit a `StandardScaler` on the fit features and one on the fit targets

@@ -1,7 +1,11 @@
-"""NMI and ARI between predicted parts and ground-truth keypoints (spec §6.4, PDiscoFormer protocol).
+"""NMI and ARI between predicted parts and ground-truth keypoints (docs/method.md#nmi-and-ari, PDiscoFormer protocol).
 
 Per batch, `keypoint_part_assignments` gives one (predicted part, keypoint index) pair per visible
 keypoint; concatenate them over the test set and call `nmi_ari` once.
+
+Every image counts: the release's loader drops the last partial batch (`drop_last=True`; with its batch of 8, two
+CUB test images), so its numbers cover slightly fewer keypoints. Batch sizes dividing the test set (1 or 2 for CUB's
+5,794 images) make the two identical.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from ._checks import check_same_leading, check_shape, keypoint_xyv, pair
 def keypoint_part_assignments(
     maps: torch.Tensor, keypoints: torch.Tensor, image_size: int | Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted part label and ground-truth keypoint index of every visible keypoint (spec §6.4).
+    """Predicted part label and ground-truth keypoint index of every visible keypoint (docs/method.md#nmi-and-ari).
 
     The maps are upsampled to the image size (bilinear, `align_corners=False`) and all channels are
     sampled at every keypoint with nearest-neighbour `grid_sample` (normalised coordinates
@@ -36,7 +40,7 @@ def keypoint_part_assignments(
             maps of the evaluated stage (background last).
         keypoints (`torch.Tensor` of shape `(num_images, num_keypoints, 3)`): `(x, y, visible)` in
             pixels of the (center-cropped) input image; a keypoint is used if `visible > 0.5`.
-            `(num_images, num_keypoints, 4)` rows `(part_id, x, y, visible)` (§5.5) are accepted.
+            `(num_images, num_keypoints, 4)` rows `(part_id, x, y, visible)` (docs/method.md#part-annotated-items) are accepted.
         image_size (`int` or `(height, width)`): input image size (518).
 
     Returns:
@@ -61,7 +65,7 @@ def keypoint_part_assignments(
 
 
 def nmi_ari(predicted: torch.Tensor | np.ndarray, ground_truth: torch.Tensor | np.ndarray) -> dict[str, float]:
-    """NMI and ARI in percent (spec §6.4).
+    """NMI and ARI in percent (docs/method.md#nmi-and-ari).
 
     scikit-learn `normalized_mutual_info_score(ground_truth, predicted)` (arithmetic normalisation)
     and `adjusted_rand_score(ground_truth, predicted)`, both × 100, over all visible keypoints of

@@ -4,7 +4,7 @@
   `ivpt.data.load_any_dataset` reads (`dataset_name`, `load_dataset_by_name`: Hub ids, parquet / save_to_disk /
   imagefolder folders, the official layouts), validated: splits exist, the image and label columns exist, labels lie
   in `[0, num_labels)`;
-* `SampleSeededTransform` — the §4.5 transforms applied on the fly (`Dataset.with_transform`), where every random
+* `SampleSeededTransform` — the docs/method.md#training-augmentation transforms applied on the fly (`Dataset.with_transform`), where every random
   augmentation draws from a generator seeded by `(seed, epoch, sample index)`. The augmentation of a sample therefore
   does not depend on the process that loads it, the number of loader workers, or where a resumed run restarts, which
   makes resuming exact and multi-process runs equal to single-process ones (the release draws from per-rank global
@@ -245,7 +245,7 @@ class AugmentationEpochCallback(TrainerCallback):
 
 
 def build_transforms(image_size: int, augmentation: str = "cub_original"):
-    """(train, test) torchvision v2 pipelines of §4.5; `augmentation="none"` trains on the test pipeline."""
+    """(train, test) torchvision v2 pipelines of docs/method.md#training-augmentation; `augmentation="none"` trains on the test pipeline."""
     from ..data.transforms import eval_transform, train_transform
 
     if augmentation not in ("cub_original", "none"):

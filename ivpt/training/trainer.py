@@ -1,14 +1,14 @@
-"""`IvptTrainer`: the IVPT training recipe on top of `transformers.Trainer` (spec: ALGORITHM.md §3.10, §4, §6.1, §10).
+"""`IvptTrainer`: the IVPT training recipe on top of `transformers.Trainer` (docs/method.md#device-batch-semantics, docs/method.md#optimisation-recipe, docs/method.md#classification-accuracy, docs/method.md#outputs).
 
 What the subclass adds to the stock Trainer:
 
-* the five parameter groups of §4.1 / §4.2 (`ivpt_parameter_groups`): backbone with / without weight decay (frozen
+* the five parameter groups of docs/method.md#parameter-groups / docs/method.md#optimizer-and-schedule (`ivpt_parameter_groups`): backbone with / without weight decay (frozen
   under the recipe), "finer" (class / register / position tokens, prototypes, position biases), "modulation" (part
   LayerNorm, prompt projections, routing heads) and "scratch" (the classifier), each with its own learning-rate factor;
   the normalised weight decay `wd · sqrt(1 / (I · E))` on the backbone-with-decay and scratch groups; Adam (coupled L2)
   by default. Frozen tensors are not handed to the optimizer (the release hands them over; they never get a gradient,
   so nothing changes);
-* the epoch-stepped StepLR of §4.3 (`EpochStepDecay`): a `LambdaLR` over optimizer updates that derives the 0-based
+* the epoch-stepped StepLR of docs/method.md#optimizer-and-schedule (`EpochStepDecay`): a `LambdaLR` over optimizer updates that derives the 0-based
   epoch from the update index and the Trainer's own updates-per-epoch count, so it is exact under gradient accumulation
   and resumes exactly through the Trainer's scheduler state;
 * every term of the objective (`IvptImageClassifierOutput.loss_terms`, unweighted) logged as `loss_<term>` next to the
@@ -16,12 +16,12 @@ What the subclass adds to the stock Trainer:
   console, TensorBoard and W&B through `report_to`; the learning rate of every trainable group as
   `learning_rate_<group>`;
 * per-process seeds `seed + process_index` for the stochastic parts of the objective (warp, Gumbel noise), as the
-  release does (§4.4, Q33); the data order stays shared through accelerate's seedable sampler;
+  release does (docs/method.md#training-step, docs/method.md#quirks [rank seeds]); the data order stays shared through accelerate's seedable sampler;
 * checkpoints that are complete Hub repositories: weights, config, the model's code files, the image processor and a
   generated model card (`README.md`) with the recipe and the latest metrics; every Hub push carries the code files.
 
 Gradient clipping is the Trainer's `max_grad_norm` (2.0 here): the Trainer clips through
-`accelerator.clip_grad_norm_`, which unscales fp16 gradients before measuring them, so §8 Q12 does not arise.
+`accelerator.clip_grad_norm_`, which unscales fp16 gradients before measuring them, so docs/method.md#quirks [AMP clipping] does not arise.
 """
 
 from __future__ import annotations
@@ -45,29 +45,29 @@ from ..metrics import classification_accuracies
 from ..modeling_ivpt import IvptForImageClassification
 
 PARAMETER_GROUPS = ("backbone_decay", "backbone_no_decay", "finer", "modulation", "scratch")
-"""Names of the five optimizer groups, in the order of §4.1."""
+"""Names of the five optimizer groups, in the order of docs/method.md#parameter-groups."""
 
 _BACKBONE_TOKENS = ("cls_token", "reg_token", "pos_embed")
 
 
 @dataclass
 class IvptTrainingArguments(TrainingArguments):
-    """`TrainingArguments` with the IVPT recipe's defaults (§4) and its extra knobs.
+    """`TrainingArguments` with the IVPT recipe's defaults (docs/method.md#optimisation-recipe) and its extra knobs.
 
-    Defaults that differ from `TrainingArguments`: `learning_rate` 1e-6 (the *base* lr of §4.2), `max_grad_norm` 2.0,
+    Defaults that differ from `TrainingArguments`: `learning_rate` 1e-6 (the *base* lr of docs/method.md#optimizer-and-schedule), `max_grad_norm` 2.0,
     `num_train_epochs` 25, `per_device_train_batch_size` 4, `weight_decay` 0, `remove_unused_columns` False (the images
     are transformed on the fly), `logging_steps` 50, `save_strategy` "epoch", `report_to` "none".
     """
 
     learning_rate: float = field(
-        default=1e-6, metadata={"help": "Base learning rate (§4.2); each group multiplies it by its factor."}
+        default=1e-6, metadata={"help": "Base learning rate (docs/method.md#optimizer-and-schedule); each group multiplies it by its factor."}
     )
-    max_grad_norm: float = field(default=2.0, metadata={"help": "Global L2 gradient clipping norm (§4.4)."})
-    num_train_epochs: float = field(default=25.0, metadata={"help": "Training epochs (§4.4)."})
-    per_device_train_batch_size: int = field(default=4, metadata={"help": "Images per device batch (§3.10)."})
+    max_grad_norm: float = field(default=2.0, metadata={"help": "Global L2 gradient clipping norm (docs/method.md#training-step)."})
+    num_train_epochs: float = field(default=25.0, metadata={"help": "Training epochs (docs/method.md#training-step)."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Images per device batch (docs/method.md#device-batch-semantics)."})
     per_device_eval_batch_size: int = field(default=8, metadata={"help": "Images per device evaluation batch."})
     weight_decay: float = field(
-        default=0.0, metadata={"help": "Base weight decay of the normalised formula of §4.2 (recipe: 0)."}
+        default=0.0, metadata={"help": "Base weight decay of the normalised formula of docs/method.md#optimizer-and-schedule (recipe: 0)."}
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Must stay False: the images are transformed on the fly (`with_transform`)."}
@@ -78,25 +78,25 @@ class IvptTrainingArguments(TrainingArguments):
         default="none", metadata={"help": "Loggers: 'tensorboard', 'wandb', 'all' or 'none'."}
     )
     finer_lr_factor: float = field(
-        default=2e2, metadata={"help": "lr factor of cls/reg/pos tokens, prototypes and position biases (§4.2)."}
+        default=2e2, metadata={"help": "lr factor of cls/reg/pos tokens, prototypes and position biases (docs/method.md#optimizer-and-schedule)."}
     )
     modulation_lr_factor: float = field(
-        default=1e4, metadata={"help": "lr factor of the part LayerNorm, prompt projections and routing heads (§4.2)."}
+        default=1e4, metadata={"help": "lr factor of the part LayerNorm, prompt projections and routing heads (docs/method.md#optimizer-and-schedule)."}
     )
-    scratch_lr_factor: float = field(default=1e4, metadata={"help": "lr factor of the classifier (§4.2)."})
+    scratch_lr_factor: float = field(default=1e4, metadata={"help": "lr factor of the classifier (docs/method.md#optimizer-and-schedule)."})
     optimizer_type: str = field(
         default="adam",
         metadata={"help": "'adam' (coupled L2 weight decay, the release) or 'adamw' (decoupled).", "choices": ["adam", "adamw"]},
     )
     epoch_step_schedule: bool = field(
         default=True,
-        metadata={"help": "Use the epoch-stepped StepLR of §4.3; False uses `lr_scheduler_type` instead."},
+        metadata={"help": "Use the epoch-stepped StepLR of docs/method.md#optimizer-and-schedule; False uses `lr_scheduler_type` instead."},
     )
-    lr_decay_epochs: int = field(default=4, metadata={"help": "StepLR period in epochs (§4.3)."})
-    lr_decay_rate: float = field(default=0.5, metadata={"help": "StepLR factor per period (§4.3)."})
+    lr_decay_epochs: int = field(default=4, metadata={"help": "StepLR period in epochs (docs/method.md#optimizer-and-schedule)."})
+    lr_decay_rate: float = field(default=0.5, metadata={"help": "StepLR factor per period (docs/method.md#optimizer-and-schedule)."})
     per_process_seed: bool = field(
         default=True,
-        metadata={"help": "Seed each process with `seed + process_index` at the start of training (§4.4, Q33)."},
+        metadata={"help": "Seed each process with `seed + process_index` at the start of training (docs/method.md#training-step, docs/method.md#quirks [rank seeds])."},
     )
     overwrite_output_dir: bool = field(
         default=False,
@@ -138,16 +138,16 @@ class IvptTrainingArguments(TrainingArguments):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Parameter groups (§4.1, §4.2)
+# Parameter groups (docs/method.md#parameter-groups, docs/method.md#optimizer-and-schedule)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def _group_of(model: IvptForImageClassification) -> dict[str, str]:
-    """Maps every parameter name of `model` to one of `PARAMETER_GROUPS`, by the module it belongs to (§4.1).
+    """Maps every parameter name of `model` to one of `PARAMETER_GROUPS`, by the module it belongs to (docs/method.md#parameter-groups).
 
     backbone: `cls_token`, `reg_token`, `pos_embed` → finer; everything else → backbone_decay (ndim > 1) or
     backbone_no_decay (ndim == 1). Stages: prototypes and position biases → finer; routing heads and prompt projections
-    → modulation; the joint prompt LayerNorm → backbone_decay where it lands in the release (frozen there, Q1), or
+    → modulation; the joint prompt LayerNorm → backbone_decay where it lands in the release (frozen there, docs/method.md#quirks [prompt norm frozen]), or
     modulation when `freeze_prompt_norm_affine=False` makes it trainable. Part LayerNorm (`modulation`) → modulation;
     classifier → scratch.
     """
@@ -170,7 +170,7 @@ def _group_of(model: IvptForImageClassification) -> dict[str, str]:
             elif module == "prompt_norm":
                 group = "modulation" if not model.config.freeze_prompt_norm_affine else "backbone_decay"
             else:
-                raise ValueError(f"No §4.1 parameter group for {prefix}.{name}; extend `ivpt.training.trainer._group_of`")
+                raise ValueError(f"No docs/method.md#parameter-groups parameter group for {prefix}.{name}; extend `ivpt.training.trainer._group_of`")
             groups[f"{prefix}.{name}"] = group
     for name, _ in base.modulation.named_parameters():
         groups[f"ivpt.modulation.{name}"] = "modulation"
@@ -178,12 +178,12 @@ def _group_of(model: IvptForImageClassification) -> dict[str, str]:
         groups[f"classifier.{name}"] = "scratch"
     unassigned = [name for name, _ in model.named_parameters() if name not in groups]
     if unassigned:
-        raise ValueError(f"No §4.1 parameter group for {unassigned}; extend `ivpt.training.trainer._group_of`")
+        raise ValueError(f"No docs/method.md#parameter-groups parameter group for {unassigned}; extend `ivpt.training.trainer._group_of`")
     return groups
 
 
 def normalised_weight_decay(weight_decay: float, num_train_examples: int, total_batch_size: int, epochs: int) -> float:
-    """§4.2: `weight_decay · sqrt(1 / (I · E))` with `I = floor(num_train_examples / total_batch_size)`."""
+    """docs/method.md#optimizer-and-schedule: `weight_decay · sqrt(1 / (I · E))` with `I = floor(num_train_examples / total_batch_size)`."""
     if weight_decay == 0:
         return 0.0
     iterations = num_train_examples // total_batch_size
@@ -203,7 +203,7 @@ def ivpt_parameter_groups(
     scratch_lr_factor: float = 1e4,
     weight_decay: float = 0.0,
 ) -> list[dict[str, Any]]:
-    """The five optimizer groups of §4.1 / §4.2, in that order, each a dict with `name`, `params` (trainable tensors
+    """The five optimizer groups of docs/method.md#parameter-groups / docs/method.md#optimizer-and-schedule, in that order, each a dict with `name`, `params` (trainable tensors
     only), `param_names`-free `lr` and `weight_decay`. `weight_decay` is the already-normalised value; it applies to
     `backbone_decay` and `scratch` only. A group whose tensors are all frozen is kept with an empty `params` list so
     that group indices and names are stable."""
@@ -236,13 +236,13 @@ def parameter_group_members(model: IvptForImageClassification) -> dict[str, dict
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Schedule (§4.3)
+# Schedule (docs/method.md#optimizer-and-schedule)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class EpochStepDecay:
     """lr factor of optimizer update `step` (0-based): `decay_rate ** floor(epoch / decay_epochs)` with the 0-based
-    epoch `floor(step / steps_per_epoch)`, i.e. epochs 1–4 ×1, 5–8 ×0.5, ... for the recipe (§4.3).
+    epoch `floor(step / steps_per_epoch)`, i.e. epochs 1–4 ×1, 5–8 ×0.5, ... for the recipe (docs/method.md#optimizer-and-schedule).
 
     A callable object (not a lambda) so that `LambdaLR.state_dict` stores its fields with the checkpoint.
     """
@@ -260,12 +260,12 @@ class EpochStepDecay:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Metrics (§6.1)
+# Metrics (docs/method.md#classification-accuracy)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def compute_classification_metrics(eval_prediction: EvalPrediction) -> dict[str, float]:
-    """Top-1 / top-5, micro and macro, in percent (§6.1), plus `num_samples`, for `Trainer(compute_metrics=...)`.
+    """Top-1 / top-5, micro and macro, in percent (docs/method.md#classification-accuracy), plus `num_samples`, for `Trainer(compute_metrics=...)`.
 
     The Trainer gathers predictions with `accelerator.gather_for_metrics`, which drops the samples that the
     distributed sampler repeats to even out the last batch, so each image counts exactly once.
@@ -415,7 +415,7 @@ class IvptTrainer(Trainer):
         return math.ceil(self.args.num_train_epochs)
 
     def create_optimizer(self, model=None) -> torch.optim.Optimizer:
-        """Adam (or AdamW) over the five §4.1 groups with the §4.2 learning rates and normalised weight decay."""
+        """Adam (or AdamW) over the five docs/method.md#parameter-groups groups with the docs/method.md#optimizer-and-schedule learning rates and normalised weight decay."""
         if self.optimizer is not None:
             return self.optimizer
         if self.optimizer_cls_and_kwargs is not None:
@@ -447,7 +447,7 @@ class IvptTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """The epoch-stepped StepLR of §4.3 (same factor for every group), unless `epoch_step_schedule=False`."""
+        """The epoch-stepped StepLR of docs/method.md#optimizer-and-schedule (same factor for every group), unless `epoch_step_schedule=False`."""
         if self.lr_scheduler is None and self._arg("epoch_step_schedule", True):
             optimizer = optimizer if optimizer is not None else self.optimizer
             decay = EpochStepDecay(
@@ -508,7 +508,7 @@ class IvptTrainer(Trainer):
 
     def _clip_grad_norm(self, model):
         """Clips over the trainable tensors only (the frozen backbone has no gradients, so the norm is the same),
-        through `accelerator.clip_grad_norm_`, which unscales fp16 gradients first (§8 Q12)."""
+        through `accelerator.clip_grad_norm_`, which unscales fp16 gradients first (docs/method.md#quirks [AMP clipping])."""
         if self._trainable_parameters is None or self._trainable_owner is not model:
             self._trainable_parameters = [p for p in model.parameters() if p.requires_grad]
             self._trainable_owner = model

@@ -7,14 +7,19 @@ from . import EvaluationMetric
 
 
 def collect(outputs):
-    return {"hits": list(outputs.hits), "visible": list(outputs.points_visible[1]), "labels": list(outputs["labels"])}
+    return {"hits": list(outputs.hits), "visible": list(outputs.points_visible[1]), "labels": list(outputs["labels"]),
+            "near_constant": outputs.near_constant}
 
 
 def reduce(records, fit_records, context):
     labels = torch.stack(records["labels"])
     score = metrics.consistency_score(torch.stack(records["hits"]), torch.stack(records["visible"]), labels,
                                       context.num_classes, context.settings.part_threshold)
-    return {"consistency": score, "consistency_num_images": len(labels)}
+    hits = records["hits"]
+    # maps whose peak is a tie (docs/method.md#consistency), out of images x foreground prototypes
+    return {"consistency": score, "consistency_num_images": len(labels),
+            "near_constant_maps": int(sum(records["near_constant"])),
+            "consistency_num_maps": int(len(hits) * (hits[0].shape[0] if hits else 0))}
 
 
 METRIC = EvaluationMetric(

@@ -1,4 +1,4 @@
-"""`evaluate` wrapper of the IVPT classification accuracies (spec §6.1).
+"""`evaluate` wrapper of the IVPT classification accuracies (docs/method.md#classification-accuracy).
 
 Load offline with `evaluate.load(ivpt.metrics.evaluate_module_path("ivpt_accuracy"))`.
 The computation is `ivpt.metrics.classification_accuracies`.
@@ -13,9 +13,9 @@ from ivpt.metrics import classification_accuracies
 
 
 _DESCRIPTION = """
-Top-k accuracy of a classifier, micro (over images) and macro (mean over the classes present in
-the references of the per-class top-k recall), in percent, like torchmetrics MulticlassAccuracy
-as used by the IVPT evaluation (spec section 6.1). Predictions are the class scores (logits).
+Top-k accuracy of a classifier, micro (over images) and macro (mean of the per-class top-k recall
+over the classes that occur in the references or among the top-k predictions), in percent, like
+torchmetrics 1.2.1 MulticlassAccuracy as used by the IVPT release. Predictions are the class scores (logits).
 """
 
 _KWARGS_DESCRIPTION = """
@@ -28,7 +28,7 @@ Returns:
 Examples:
     >>> metric = evaluate.load(ivpt.metrics.evaluate_module_path("ivpt_accuracy"))
     >>> metric.compute(predictions=[[0.1, 0.9], [0.8, 0.2]], references=[1, 1], top_k=[1])
-    {'top1_micro': 50.0, 'top1_macro': 50.0}
+    {'top1_micro': 50.0, 'top1_macro': 25.0}
 """
 
 _CITATION = """

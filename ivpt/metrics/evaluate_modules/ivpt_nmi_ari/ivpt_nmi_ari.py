@@ -1,4 +1,4 @@
-"""`evaluate` wrapper of the IVPT NMI / ARI part metrics (spec §6.4).
+"""`evaluate` wrapper of the IVPT NMI / ARI part metrics (docs/method.md#nmi-and-ari).
 
 Load offline with `evaluate.load(ivpt.metrics.evaluate_module_path("ivpt_nmi_ari"))`.
 Predictions and references are per visible keypoint, e.g. from
