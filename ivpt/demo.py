@@ -1,6 +1,6 @@
 """`make demo`: the whole IVPT workflow offline, on synthetic birds, with its quality measured.
 
-    python -m ivpt.demo [--output_dir demo_output] [--recipe configs/demo.yaml]
+    python -m ivpt.demo [--output_dir demo_output] [--recipe ivpt/recipes/demo.yaml]
 
 1. data: two synthetic CUB-200-2011 folders (`ivpt.data.synthetic`): one for IVPT, and one with a different class
    table (other attribute combinations) for pre-training the backbone, like real pre-training on other data;
@@ -30,8 +30,8 @@ from pathlib import Path
 import torch
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_RECIPE = REPO / "configs" / "demo.yaml"
+# Shipped inside the package (package data), so an installed ivpt runs the demo without a checkout.
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
 # Keys of the recipe's `demo:` section (the rest of the file is an `ivpt-train` recipe).
 DEMO_KEYS = {"classes", "images_per_class", "data_image_size", "pretrain_epochs", "pretrain_batch_size",
              "pretrain_learning_rate", "pretrain_dense_weight", "seed"}

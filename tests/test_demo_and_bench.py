@@ -12,7 +12,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
-    recipe = yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())
+    recipe = yaml.safe_load((REPO / "ivpt" / "recipes" / "demo.yaml").read_text())
     recipe["demo"].update(classes=3, images_per_class=4, data_image_size=64, pretrain_epochs=1, pretrain_batch_size=4)
     recipe.update(backbone_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8}, image_size=64,
                   n_pro=[6, 5, 4], num_train_epochs=1, per_device_train_batch_size=2, logging_steps=1)
