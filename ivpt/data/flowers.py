@@ -83,12 +83,7 @@ def resolve_sources(data_dir: str | Path) -> dict[str, Path]:
     return sources
 
 
-def is_layout(path: Path) -> bool:
-    try:
-        resolve_sources(path)
-        return True
-    except FileNotFoundError:
-        return False
+is_layout = official.finds_layout(resolve_sources)
 
 
 class FlowersConfig(datasets.BuilderConfig):

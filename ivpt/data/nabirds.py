@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import datasets
 from datasets.builder import Key
@@ -152,19 +152,11 @@ def resolve_source(data_dir: str | Path) -> Path:
     return archive
 
 
-def is_layout(path: Path) -> bool:
-    try:
-        resolve_source(path)
-        return True
-    except FileNotFoundError:
-        return False
+is_layout = official.finds_layout(resolve_source)
 
 
-class NabirdsConfig(datasets.BuilderConfig):
-    def __init__(self, source: Optional[str] = None, **kwargs: Any) -> None:
-        kwargs.setdefault("version", datasets.Version("1.0.0"))
-        super().__init__(**kwargs)
-        self.source = source
+class NabirdsConfig(official.SourceConfig):
+    """`official.SourceConfig` of this builder."""
 
 
 class Nabirds(datasets.GeneratorBasedBuilder):

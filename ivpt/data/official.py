@@ -18,7 +18,7 @@ import os
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import datasets
 from PIL import Image, ImageFile
@@ -193,3 +193,25 @@ def build(builder_class, source_paths: Sequence[Path], config: str, cache_dir, c
 
 KEYPOINT_FEATURE = {"part_id": datasets.Value("int32"), "x": datasets.Value("float32"), "y": datasets.Value("float32"),
                     "visible": datasets.Value("int32")}
+
+
+def finds_layout(resolve: Callable[[Path], Any]) -> Callable[[Path], bool]:
+    """A builder's `is_layout`: whether its `resolve` function finds the data at a path (`FileNotFoundError`: no)."""
+
+    def is_layout(path: Path) -> bool:
+        try:
+            resolve(path)
+            return True
+        except FileNotFoundError:
+            return False
+
+    return is_layout
+
+
+class SourceConfig(datasets.BuilderConfig):
+    """A builder config carrying its resolved data source: the dataset's folder or its official archive."""
+
+    def __init__(self, source: Optional[str] = None, **kwargs: Any) -> None:
+        kwargs.setdefault("version", datasets.Version("1.0.0"))
+        super().__init__(**kwargs)
+        self.source = source

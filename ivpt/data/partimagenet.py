@@ -126,19 +126,11 @@ def resolve_source(data_dir: str | Path) -> Path:
     return archive
 
 
-def is_layout(path: Path) -> bool:
-    try:
-        resolve_source(path)
-        return True
-    except FileNotFoundError:
-        return False
+is_layout = official.finds_layout(resolve_source)
 
 
-class PartImageNetConfig(datasets.BuilderConfig):
-    def __init__(self, source: Optional[str] = None, **kwargs: Any) -> None:
-        kwargs.setdefault("version", datasets.Version("1.0.0"))
-        super().__init__(**kwargs)
-        self.source = source
+class PartImageNetConfig(official.SourceConfig):
+    """`official.SourceConfig` of this builder."""
 
 
 class PartImageNet(datasets.GeneratorBasedBuilder):
