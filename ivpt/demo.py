@@ -181,13 +181,10 @@ def acceptance(metrics: dict, unnormalised_parts: dict) -> dict:
 def backbone_probe(weights: Path, config, data_root: Path, cache_dir: Path) -> dict:
     """k-means part probe of the frozen backbone (`ivpt.pretrain.kmeans_part_probe`) at the interpreted stage's
     block and at the output, with as many clusters as the interpreted stage has prototypes."""
-    import timm
-
     from .data import load_cub
-    from .pretrain import kmeans_part_probe
+    from .pretrain import kmeans_part_probe, load_backbone_file
 
-    backbone = timm.create_model(config.backbone, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)),
-                                 num_classes=0, img_size=config.image_size, **config.backbone_kwargs)
+    backbone = load_backbone_file(config.backbone, weights, config.image_size, **config.backbone_kwargs)
     test = load_cub(data_root, "full", cache_dir=str(cache_dir))["test"]
     depth, stages = len(backbone.blocks), len(config.n_pro)
     stage = config.interpretation_stage_index % stages

@@ -203,6 +203,13 @@ def pretrain_backbone(
 
 
 @torch.no_grad()
+def load_backbone_file(name: str, weights: str | Path, image_size: int, **backbone_kwargs) -> nn.Module:
+    """The timm backbone `name` (no head) with the weights of a local file written by `pretrain_backbone`, loaded
+    through timm's own pretrained path (the one `IvptForImageClassification.from_backbone` takes)."""
+    return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(weights)), num_classes=0,
+                             img_size=image_size, **backbone_kwargs)
+
+
 def backbone_patch_features(backbone: torch.nn.Module, pixel_values: torch.Tensor, block: int) -> torch.Tensor:
     """Final-LayerNorm'd patch tokens after `block` blocks of a timm ViT, `(B, N, D)` (what an IVPT stage reads)."""
     tokens = backbone.norm_pre(backbone._pos_embed(backbone.patch_embed(pixel_values)))

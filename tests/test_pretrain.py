@@ -4,7 +4,6 @@ k-means part probe."""
 import math
 
 import numpy as np
-import timm
 import torch
 import torch.nn.functional as F
 from fixtures_data import synthetic_root  # noqa: F401  (fixture)
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 from ivpt.data import load_cub
 from ivpt.pretrain import (TwoViews, corresponding_points, dense_contrastive_loss, kmeans_part_probe,
-                           pretrain_backbone)
+                           load_backbone_file, pretrain_backbone)
 
 
 def test_corresponding_points_follow_crops_and_flips():
@@ -83,8 +82,7 @@ def test_pretrain_backbone_tiny_run_and_part_probe(synthetic_root, tmp_path):  #
     assert labels_only["dense_loss"] is None and math.isfinite(labels_only["class_loss"])
     assert not torch.equal(load_file(tmp_path / "labels_only.safetensors")["blocks.0.attn.qkv.weight"],
                            weights["blocks.0.attn.qkv.weight"])  # same seed, so only the dense term differs
-    model = timm.create_model("vit_base_patch14_reg4_dinov2", pretrained=True, num_classes=0, img_size=32,
-                              pretrained_cfg_overlay=dict(file=str(out)), **kwargs)
+    model = load_backbone_file("vit_base_patch14_reg4_dinov2", out, 32, **kwargs)  # the local file, no download
     test = load_cub(synthetic_root, "full", cache_dir=str(tmp_path / "cache"))["test"]
     probe = kmeans_part_probe(model, test, image_size=32, num_clusters=3, block=1)
     assert probe["block"] == 1 and probe["num_keypoints"] > 12 * 8
