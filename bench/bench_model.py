@@ -182,7 +182,8 @@ def markdown(results: list[dict]) -> str:
             f"| {counts} | {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
         )
     lines += ["", "Times: min over clean repetitions (median in brackets); ratios use the mins. "
-              "Peak RSS: growth over one step, each mode in a fresh process. Method: `bench/timing.py`; "
+              "Peak RSS: growth over one step, each mode in a fresh process. Method: `bench/timing.py` (kernel threads' CPU "
+              "time, e.g. `kdamond` working on our own memory, is not counted as foreign); "
               + (results[0]["timing"]["rule"] if results else "") + "."]
     return "\n".join(lines)
 

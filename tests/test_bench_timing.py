@@ -12,22 +12,32 @@ import timing  # noqa: E402
 
 
 class FakeMachine:
-    """A fake clock, /proc/stat busy counter and own-CPU counter; `work(seconds, foreign)` advances them as one
-    repetition that took `seconds` of wall time, used `seconds` of own CPU and let others use `foreign` CPU seconds."""
+    """A fake clock, /proc/stat busy counter, own-CPU counter and kernel-thread counters; `work(seconds, foreign,
+    kernel)` advances them as one repetition that took `seconds` of wall time, used `seconds` of own CPU, let other
+    processes use `foreign` and kernel thread pid 78 `kernel` CPU seconds."""
 
     def __init__(self):
         self.now = self.busy = self.own = 0.0
+        self.kernel = {2: 0.0, 78: 0.0}
+        self.listings = 0
 
-    def work(self, seconds: float, foreign: float = 0.0):
+    def work(self, seconds: float, foreign: float = 0.0, kernel: float = 0.0):
         def run():
             self.now += seconds
             self.own += seconds
-            self.busy += seconds + foreign
+            self.busy += seconds + foreign + kernel
+            self.kernel[78] += kernel
 
         return run
 
+    def list_kernel_threads(self):
+        self.listings += 1
+        return sorted(self.kernel)
+
     def monitor(self):
-        return timing.ProcStatMonitor(read_busy=lambda: self.busy, read_own=lambda: self.own, clock=lambda: self.now)
+        return timing.ProcStatMonitor(read_busy=lambda: self.busy, read_own=lambda: self.own, clock=lambda: self.now,
+                                      list_kernel_threads=self.list_kernel_threads,
+                                      read_kernel=lambda pids: sum(self.kernel[pid] for pid in pids))
 
 
 def test_flagging_uses_foreign_cpu_against_the_stated_threshold():
@@ -38,6 +48,41 @@ def test_flagging_uses_foreign_cpu_against_the_stated_threshold():
     assert quiet.seconds == pytest.approx(2.0) and quiet.foreign_cpu_s == pytest.approx(0.05) and not quiet.flagged
     assert busy.flagged and busy.foreign_cpu_s == pytest.approx(0.08)
     assert monitor.threshold(2.0) == pytest.approx(timing.FLAG_ABSOLUTE_S + timing.FLAG_FRACTION * 2.0)
+
+
+def test_kernel_threads_cpu_is_reported_apart_and_not_flagged():
+    machine = FakeMachine()
+    monitor = machine.monitor()
+    kdamond = monitor.run(machine.work(2.0, foreign=0.05, kernel=0.5))  # e.g. kdamond working on our own memory
+    assert not kdamond.flagged and kdamond.foreign_cpu_s == pytest.approx(0.05)
+    assert kdamond.kernel_thread_cpu_s == pytest.approx(0.5)
+    both = monitor.run(machine.work(2.0, foreign=0.08, kernel=0.5))  # another process still flags it
+    assert both.flagged and both.foreign_cpu_s == pytest.approx(0.08)
+    result = timing.time_modes({"a": machine.work(1.0, kernel=0.3), "b": machine.work(1.0)}, min_rounds=3,
+                               max_rounds=3, monitor=monitor, before_each=lambda: None, warmup=False)
+    assert result.clean_flagged() == (6, 0) and machine.listings == 1 + 3  # first run, then once per round
+    assert result["a"].to_json()["kernel_thread_cpu_s"] == pytest.approx([0.3] * 3)
+    assert "kernel threads not counted" in result.summary()
+
+
+def _write_stat(proc, pid: int, name: str, ppid: int, flags: int, utime: int, stime: int):
+    # pid (comm) state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime ...
+    (proc / str(pid)).mkdir()
+    (proc / str(pid) / "stat").write_text(
+        f"{pid} ({name}) S {ppid} 0 0 0 -1 {flags} 0 0 0 0 {utime} {stime} 0 0 20 0 1 0 5 0 0\n")
+
+
+def test_kernel_threads_are_found_by_flag_or_parent_and_their_cpu_summed(tmp_path):
+    _write_stat(tmp_path, 2, "kthreadd", 0, 0x00208040, 1, 1)
+    _write_stat(tmp_path, 78, "kdamond.0", 2, 0x00208040, 300, 200)
+    _write_stat(tmp_path, 90, "odd (name) x", 2, 0, 7, 3)  # child of kthreadd without the flag; spaces in the name
+    _write_stat(tmp_path, 1234, "python", 1, 0x00400000, 9999, 9999)  # a user process
+    (tmp_path / "self").mkdir()
+    assert timing.kernel_thread_pids(str(tmp_path)) == [2, 78, 90]
+    ticks = __import__("os").sysconf("SC_CLK_TCK")
+    assert timing.threads_cpu_seconds([78, 90, 4242], str(tmp_path)) == pytest.approx(510 / ticks)  # 4242 exited
+    real = timing.kernel_thread_pids()
+    assert 2 in real and timing.threads_cpu_seconds(real) >= 0
 
 
 def test_proc_stat_reader_sums_busy_fields_including_steal(tmp_path):
