@@ -5,7 +5,9 @@ the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads, fp32).
 
 Every point runs bench/bench_model.py's measurement in its own subprocess: timings on bench/timing.py (interleaved
 rounds, repetitions disturbed by other processes flagged and excluded, min over clean repetitions, rounds until the
-min is stable; a ratio below 1 fails the run), peak RSS growth of the training modes in fresh processes, FLOPs.
+min is stable; a ratio below 1 fails the run; an IVPT / bare ratio within 2 % of 1 runs all `--max_rounds` rounds, and
+each repetition lasts >= `--min_repetition_s` (4 forward calls of 0.3 s at 224 px), since at 224 px the prototype
+heads add ~0.2 % of FLOPs and a min not yet at its floor would otherwise show a ratio below 1), peak RSS growth of the training modes in fresh processes, FLOPs.
 `time overhead` = IVPT training step / (bare forward+backward + bare forward) - 1: what the prototype machinery adds
 on top of the two backbone passes a training step cannot avoid; `FLOP overhead` is the same ratio in counted FLOPs.
 518 px is the `model` section (bench_model.py).
@@ -33,15 +35,18 @@ def row(label: str, result: dict) -> str:
 
 def point(label: str, config: dict, args) -> dict:
     flops = child("flops", json.dumps(config))
-    return measure(label, 1, args.max_rounds, args.max_seconds, True, flops, config_kwargs=config)
+    return measure(label, 1, args.max_rounds, args.max_seconds, True, flops, config_kwargs=config,
+                   min_repetition_s=args.min_repetition_s)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--image_sizes", default="224,392")
     parser.add_argument("--n_pro", default="5,4/9,7,5/17,14,11,8,5/33,27,21,15,9,5", help="'/'-separated, at 224 px")
-    parser.add_argument("--max_rounds", type=int, default=8)
-    parser.add_argument("--max_seconds", type=float, default=60, help="cap on the timed rounds of one point")
+    parser.add_argument("--max_rounds", type=int, default=10)
+    parser.add_argument("--max_seconds", type=float, default=120, help="cap on the timed rounds of one point")
+    parser.add_argument("--min_repetition_s", type=float, default=1.0,
+                        help="a repetition runs a mode this long at least (several calls when one is shorter)")
     parser.add_argument("--json")
     args = parser.parse_args()
     header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | time overhead | FLOP overhead "

@@ -164,3 +164,39 @@ def test_impossible_ratio_fails_the_run_with_an_explanation():
         timing.require_not_faster("IVPT inference / bare forward", 0.8)
     with pytest.raises(timing.ImpossibleRatioError, match="no clean repetitions"):
         timing.require_not_faster("IVPT inference / bare forward", math.nan)
+
+
+def test_short_calls_are_repeated_to_a_minimum_repetition_time():
+    machine = FakeMachine()
+    calls = {"short": 0, "long": 0}
+
+    def mode(name, seconds):
+        def run():
+            calls[name] += 1
+            machine.work(seconds)()
+        return run
+
+    result = timing.time_modes({"short": mode("short", 0.3), "long": mode("long", 2.0)}, min_rounds=3, max_rounds=3,
+                               min_repetition_s=1.0, monitor=machine.monitor(), clock=lambda: machine.now,
+                               before_each=lambda: None)
+    assert calls == {"short": 1 + 3 * 4, "long": 1 + 3 * 1}  # warm-up, then ceil(1.0 / 0.3) = 4 calls per repetition
+    assert result["short"].min == pytest.approx(0.3) and result["short"].to_json()["calls_per_repetition"] == 4
+    assert "each repetition >= 1 s" in result.rule
+    # the flag threshold applies to the whole repetition: 0.048 s foreign over 4 x 0.3 s is under 0.03 + 2 % of 1.2 s
+    repetition = machine.monitor().run(machine.work(0.3, foreign=0.012), calls=4)
+    assert not repetition.flagged and repetition.foreign_cpu_s == pytest.approx(0.048)
+
+
+def test_a_ratio_close_to_one_keeps_the_rounds_going():
+    machine = FakeMachine()
+    guards = {"ivpt / bare": (("ivpt",), ("bare",))}
+    close = timing.time_modes({"bare": machine.work(1.0), "ivpt": machine.work(1.005)}, min_rounds=3, max_rounds=7,
+                              guards=guards, monitor=machine.monitor(), before_each=lambda: None, warmup=False)
+    assert close.rounds == 7 and "ivpt / bare within 2% of 1, so all rounds run" in close.stop_reason
+    assert "ivpt / bare >= 1.02" in close.rule
+    clear = timing.time_modes({"bare": machine.work(1.0), "ivpt": machine.work(1.05)}, min_rounds=3, max_rounds=7,
+                              guards=guards, monitor=machine.monitor(), before_each=lambda: None, warmup=False)
+    assert clear.rounds == 3 and clear.stop_reason == "min stable"
+    assert timing.guarded_ratios({"train": (("t",), ("a", "b"))}, {"t": 3.0, "a": 1.0, "b": 2.0}) == {"train": 1.0}
+    with pytest.raises(ValueError, match="not timed: \\['nope'\\]"):
+        timing.time_modes({"bare": machine.work(1.0)}, guards={"x": (("nope",), ("bare",))})
