@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training throughput of `IvptTrainer` vs the model's bare training step in a plain loop (same process, same run).
 
-    python bench/bench_trainer.py [--images_per_run 480] [--batch_sizes 4,8] [--workers 1] [--json OUT]
+    python bench/bench_trainer.py [--images_per_run 480] [--batch_sizes 4,8] [--workers 1] [--rounds 5] [--json OUT]
 
 On the tiny test configuration (4-block, 32-wide ViT at 64 px, n_pro 6,5,4, 7 classes), on CPU unless
 `--device cuda`, three kinds of Trainer run are compared with the bare step:
@@ -17,9 +17,14 @@ On the tiny test configuration (4-block, 32-wide ViT at 64 px, n_pro 6,5,4, 7 cl
 The speed of a shared machine drifts by up to 2x within seconds, so the comparison is paired step by step: after
 every Trainer step a callback runs and times one bare step. The Trainer's time is the wall time between two step
 ends minus the bare step inside it (it includes data loading, the Trainer's bookkeeping and logging); the bare time
-is the sum of the bare steps. Overhead = `1 - trainer rate / bare rate`; the median over `--rounds` runs is kept.
+is the sum of the bare steps. Overhead = `1 - trainer rate / bare rate`.
 The time the Trainer spends fetching batches (`get_batch_samples`: decoding and augmenting in process, or receiving
 a batch from a worker) is reported separately.
+
+The runs follow bench/timing.py: the three kinds run interleaved, `--rounds` rounds in a new shuffled order each; a
+run during which other processes used the CPU (its loader workers are this process's children and count as its
+own) is flagged and left out; each row gives the median over its clean runs and its clean/flagged count (the
+"all runs" column lists the clean runs).
 """
 
 from __future__ import annotations
@@ -27,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import sys
 import time
@@ -40,6 +44,9 @@ from transformers import TrainerCallback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+
+import timing  # noqa: E402
 
 from ivpt import IvptConfig, IvptForImageClassification  # noqa: E402
 from ivpt.training.trainer import IvptTrainer, IvptTrainingArguments, ivpt_parameter_groups  # noqa: E402
@@ -150,33 +157,42 @@ DESCRIPTIONS = {
 
 def render_markdown(result: dict) -> str:
     lines = [
-        f"Tiny test config, {result['torch_threads']} torch thread(s), {result['device']}; each row: median of "
-        f"{result['rounds']} runs of {result['images_per_run']} images, every Trainer step followed by one bare step "
-        f"(paired, so the machine's drift cancels); tensor sharing `{result['sharing_strategy']}`.",
+        f"Tiny test config, {result['torch_threads']} torch thread(s), {result['device']}; each row: median over the "
+        f"clean ones of {result['rounds']} runs of {result['images_per_run']} images, every Trainer step followed by "
+        f"one bare step (paired, so the machine's drift cancels); tensor sharing `{result['sharing_strategy']}`.",
         "",
         "| pipeline | batch | Trainer images/s | bare step images/s | Trainer step (ms) | of which fetching the batch "
-        "(ms) | overhead vs bare (median) | overhead, all runs |",
-        "|---|---|---|---|---|---|---|---|",
+        "(ms) | overhead vs bare (median) | overhead, clean runs | clean/flagged runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         lines.append(
             f"| {DESCRIPTIONS[row['pipeline']].format(workers=result['loader_workers'])} | {row['batch_size']} | "
             f"{row['trainer_images_per_s']:.1f} | {row['bare_images_per_s']:.1f} | {row['trainer_step_ms']:.1f} | "
             f"{row['batch_fetch_ms']:.2f} | {100 * row['overhead_median']:+.1f} % | "
-            + ", ".join(f"{100 * value:+.1f}" for value in sorted(row["overhead_per_run"])) + " % |"
+            + ", ".join(f"{100 * value:+.1f}" for value in sorted(row["overhead_per_run"])) + " % | "
+            f"{row['clean']}/{row['flagged']} |"
         )
+    lines += ["", f"Runs timed with `bench/timing.py`: {result['summary']}."]
     return "\n".join(lines)
 
 
-def summarise(pipeline: str, batch_size: int, runs: list[dict[str, float]]) -> dict:
-    def median(field: str) -> float:
-        return round(statistics.median(run[field] for run in runs), 2)
+def summarise(pipeline: str, batch_size: int, runs: list[dict[str, float]], flagged: list[bool]) -> dict:
+    """Medians over the clean runs (`flagged[i]`: run i was disturbed by other processes); NaN when none is clean."""
+    clean = [run for run, disturbed in zip(runs, flagged) if not disturbed]
 
-    overheads = [round(1 - run["trainer"] / run["bare"], 4) for run in runs]
+    def median(values: list[float], digits: int) -> float:
+        return round(statistics.median(values), digits) if values else float("nan")
+
+    overheads = [round(1 - run["trainer"] / run["bare"], 4) for run in clean]
     return {
-        "pipeline": pipeline, "batch_size": batch_size, "trainer_images_per_s": median("trainer"),
-        "bare_images_per_s": median("bare"), "trainer_step_ms": median("step_ms"), "batch_fetch_ms": median("fetch_ms"),
-        "overhead_median": round(statistics.median(overheads), 4), "overhead_per_run": overheads,
+        "pipeline": pipeline, "batch_size": batch_size,
+        **{key: median([run[field] for run in clean], 2) for key, field in (
+            ("trainer_images_per_s", "trainer"), ("bare_images_per_s", "bare"), ("trainer_step_ms", "step_ms"),
+            ("batch_fetch_ms", "fetch_ms"))},
+        "overhead_median": median(overheads, 4), "overhead_per_run": overheads,
+        "clean": len(clean), "flagged": sum(flagged),
+        "runs": [{**run, "flagged": disturbed} for run, disturbed in zip(runs, flagged)],
     }
 
 
@@ -188,7 +204,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="persistent loader workers of `trainer_images`")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: least noise on CPU)")
-    parser.add_argument("--rounds", type=int, default=5, help="runs of each kind (in a random order); the median is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="runs of each kind, interleaved (bench/timing.py); the median of the clean ones is kept")
     parser.add_argument("--output_dir", default="/tmp/ivpt_bench_trainer")
     parser.add_argument("--json", default=None, help="also write the figures to this JSON file")
     parser.add_argument("--sharing_strategy", default="file_system", choices=["file_descriptor", "file_system"],
@@ -215,18 +231,21 @@ def main() -> None:
     datasets_by_kind = {
         "trainer_tensors": (tensors, 0), "trainer_images_in_process": (images, 0), "trainer_images": (images, args.workers)
     }
-    order = random.Random(0)
-    rows = []
+    rows, summaries = [], []
     for batch_size in [int(size) for size in args.batch_sizes.split(",")]:
         steps = args.images_per_run // batch_size
         measured: dict[str, list[dict[str, float]]] = {key: [] for key in datasets_by_kind}
-        for _ in range(args.rounds):
-            for key in order.sample(list(datasets_by_kind), len(datasets_by_kind)):
-                dataset, workers = datasets_by_kind[key]
-                measured[key].append(
-                    bench_paired(dataset, steps, args.warmup, batch_size, args.device, args.output_dir, workers)
-                )
-        rows += [summarise(key, batch_size, runs) for key, runs in measured.items()]
+
+        def run(key: str, steps: int = steps, batch_size: int = batch_size, measured=measured) -> None:
+            dataset, workers = datasets_by_kind[key]
+            measured[key].append(
+                bench_paired(dataset, steps, args.warmup, batch_size, args.device, args.output_dir, workers))
+
+        timed = timing.time_modes({key: (lambda key=key: run(key)) for key in datasets_by_kind},
+                                  min_rounds=args.rounds, max_rounds=args.rounds, warmup=False, seed=batch_size)
+        rows += [summarise(key, batch_size, runs, [r.flagged for r in timed[key].repetitions])
+                 for key, runs in measured.items()]
+        summaries.append(f"batch {batch_size}: {timed.summary()}")
 
     result = {
         "config": "tiny (4 blocks, width 32, 64 px, n_pro 6,5,4), full objective",
@@ -237,6 +256,7 @@ def main() -> None:
         "images_per_run": args.images_per_run,
         "rounds": args.rounds,
         "rows": rows,
+        "summary": "; ".join(summaries),
     }
     result["markdown"] = render_markdown(result)
     print(json.dumps(result, indent=2))

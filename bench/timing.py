@@ -7,7 +7,8 @@ The method, in full:
    machine therefore hit every mode alike, and no mode always follows the same other mode.
 2. **Each repetition is checked for foreign CPU use.** Around every repetition the busy CPU time of the whole machine
    (`/proc/stat`: user + nice + system + irq + softirq + steal, summed over all cores) and this process's own CPU time
-   (`os.times()`: user + system, all threads) are read. *Foreign CPU* = busy delta - own delta: what other processes
+   (`os.times()`: user + system, all threads, plus the children that ended and were waited for meanwhile, such as
+   data-loader workers joined at the end of a run) are read. *Foreign CPU* = busy delta - own delta: what other processes
    (and the hypervisor, through `steal`) took while we were timing. A repetition is **flagged** when
    `foreign > FLAG_ABSOLUTE_S + FLAG_FRACTION * wall seconds` (0.03 s + 2 % of one core over the repetition; the
    absolute part covers the 10 ms tick of both counters and the kernel's own housekeeping).
@@ -105,9 +106,10 @@ def threads_cpu_seconds(pids: list[int], proc: str = "/proc") -> float:
 
 
 def own_cpu_seconds() -> float:
-    """User + system CPU seconds of this process (all its threads)."""
+    """User + system CPU seconds of this process (all its threads) and of its children that have ended and been
+    waited for (e.g. data-loader workers joined at the end of a Trainer run)."""
     times = os.times()
-    return times.user + times.system
+    return times.user + times.system + times.children_user + times.children_system
 
 
 @dataclass

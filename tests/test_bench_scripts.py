@@ -72,3 +72,35 @@ def test_run_all_writes_a_failed_section_with_its_reason(tmp_path, monkeypatch):
     with pytest.raises(run_all.SectionFailed) as failure:
         run_all.run_section("fake")
     assert failure.value.args[0].startswith("## Fake section") and "**Run failed (sanity rule):**" in failure.value.args[0]
+
+
+def test_trainer_rows_use_clean_runs_only():
+    import bench_trainer
+
+    runs = [{"trainer": 80.0, "bare": 100.0, "step_ms": 50.0, "fetch_ms": 1.0},
+            {"trainer": 10.0, "bare": 100.0, "step_ms": 500.0, "fetch_ms": 9.0},  # disturbed by another process
+            {"trainer": 90.0, "bare": 100.0, "step_ms": 44.0, "fetch_ms": 2.0}]
+    row = bench_trainer.summarise("trainer_tensors", 4, runs, [False, True, False])
+    assert (row["clean"], row["flagged"]) == (2, 1) and row["overhead_per_run"] == [0.2, 0.1]
+    assert row["trainer_images_per_s"] == 85.0 and row["overhead_median"] == pytest.approx(0.15)
+    assert [run["flagged"] for run in row["runs"]] == [False, True, False]  # every run kept for the record
+    none_clean = bench_trainer.summarise("trainer_tensors", 4, runs[:1], [True])
+    assert none_clean["clean"] == 0 and none_clean["overhead_per_run"] == [] and none_clean["overhead_median"] != 0
+
+
+def test_data_benchmark_runs_on_a_tiny_dataset(tmp_path):
+    out = tmp_path / "data.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "bench_data.py"), "--classes", "2", "--images-per-class", "2",
+         "--augmented-classes", "1", "--transform-images", "2", "--max_rounds", "2", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert list(report["jobs"]) == list(__import__("bench_data").DESCRIPTIONS)
+    counts = {name: job["count"] for name, job in report["jobs"].items()}
+    assert counts["generator_224px"] == 4 and counts["train_transform_518px"] == 2
+    assert counts["builder_full"] == 4 and counts["builder_cropped_augmented"] > 4  # 30 outputs per train image
+    for job in report["jobs"].values():
+        assert job["clean"] + job["flagged"] == 2 and all(seconds > 0 for seconds in job["all_s"])
+    assert "clean/flagged" in report["markdown"] and report["rounds"] == 2
