@@ -425,8 +425,13 @@ class IvptModel(IvptPreTrainedModel):
         return self.backbone.norm(tokens)[:, self.backbone.num_prefix_tokens :].float()
 
     def _encode(self, pixel_values: torch.Tensor, sample_noise: bool):
-        """The block loop of docs/method.md#forward-pass: returns final tokens, per-stage patch features (detached) and raw maps, the
-        routing weights and projected maps of the intermediate stages."""
+        """The block loop of docs/method.md#forward-pass: returns the final patch features `(B, N, D)` (with gradients to the
+        tokens), per-stage patch features (detached) and raw maps, the routing weights and projected maps of the
+        intermediate stages.
+
+        The final patch features are computed once: the last stage's maps read them detached and the part pooling
+        reads them with gradients, so autograd keeps one `(B, N, D)` float32 copy instead of two (and the final
+        LayerNorm runs once)."""
         backbone = self.backbone
         tokens = backbone.norm_pre(backbone.patch_drop(backbone._pos_embed(backbone.patch_embed(pixel_values))))
         num_tokens = tokens.shape[1]  # T0 = 1 + registers + patches
@@ -448,10 +453,11 @@ class IvptModel(IvptPreTrainedModel):
             raw_maps.append(maps)
             routing_weights.append(routing)
 
-        features = self._patch_features(tokens.detach())
+        final_features = self._patch_features(tokens).contiguous()  # (B, N, D); contiguous: the maps' matmul saves it as is
+        features = final_features.detach()
         stage_features.append(features)
         raw_maps.append(self.stages[-1](features))
-        return tokens, stage_features, raw_maps, routing_weights, projected_maps
+        return final_features, stage_features, raw_maps, routing_weights, projected_maps
 
     def _to_grid(self, maps: torch.Tensor) -> torch.Tensor:
         return maps.unflatten(-1, (self.grid_size, self.grid_size))
@@ -474,12 +480,12 @@ class IvptModel(IvptPreTrainedModel):
         check_pixel_values(
             pixel_values, self.config, patch_projection.in_channels, patch_projection.weight.dtype, self.training
         )
-        tokens, _, raw_maps, routing_weights, projected_maps = self._encode(
+        final_features, _, raw_maps, routing_weights, projected_maps = self._encode(
             pixel_values, self._sample_noise(sample_routing_noise)
         )
         eps_maps = [renormalise_with_eps(maps, self.config.map_eps) for maps in raw_maps]
-        with full_precision(tokens.device):
-            part_features, _ = hard_pool(eps_maps[-1], self._patch_features(tokens))  # (B, K+1, D)
+        with full_precision(final_features.device):
+            part_features, _ = hard_pool(eps_maps[-1], final_features)  # (B, K+1, D)
             part_features = self.modulation(part_features.transpose(1, 2))  # (B, D, K+1)
         assignment_maps = tuple(self._to_grid(maps) for maps in eps_maps)
         return IvptModelOutput(

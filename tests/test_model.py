@@ -220,6 +220,40 @@ def test_equivariance_pass_without_backbone_graph_has_same_gradients(model):
         torch.testing.assert_close(a, b)
 
 
+def test_final_patch_features_shared_by_last_stage_and_pooling(model, config):
+    """The final LayerNorm'd patch features are computed once (read detached by the last stage, with gradients by the
+    part pooling): outputs and gradients equal the form with two LayerNorms, and autograd saves one copy of them."""
+    model.train()
+    ivpt = model.ivpt
+    captured = []
+    hook = ivpt.backbone.blocks[-1].register_forward_hook(lambda module, args, output: captured.append(output))
+    x = images()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = ivpt(x, sample_routing_noise=False)
+    hook.remove()
+    prefix, grid = ivpt.backbone.num_prefix_tokens, config.grid_size
+    tokens = captured[0][:, : prefix + grid * grid]  # the last block's output without its prompt tokens
+    two_norms_features = ivpt.backbone.norm(tokens)[:, prefix:]  # the second LayerNorm of the two-norm form
+    last_maps = renormalise_with_eps(ivpt.stages[-1](two_norms_features.detach()), config.map_eps)
+    two_norms = ivpt.modulation(hard_pool(last_maps, two_norms_features)[0].transpose(1, 2))
+    torch.testing.assert_close(out.projected_maps[-1], last_maps, rtol=0, atol=0)
+    torch.testing.assert_close(out.part_features, two_norms, rtol=0, atol=0)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    weight = torch.randn_like(two_norms)
+    shared = torch.autograd.grad((weight * out.part_features).sum(), trainable, allow_unused=True, retain_graph=True)
+    separate = torch.autograd.grad((weight * two_norms).sum(), trainable, allow_unused=True)
+    assert sum(g is not None for g in shared) >= 3  # pos/cls/reg embeddings, last prototypes, modulation
+    for a, b in zip(shared, separate):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+    features_shape = (BATCH, grid * grid, config.backbone_geometry["hidden_size"])
+    final_copies = {t.untyped_storage().data_ptr() for t in saved if t.numel() == two_norms_features.numel()
+                    and torch.equal(t.reshape(features_shape), two_norms_features.detach())}
+    assert len(final_copies) == 1
+
+
 def test_bf16_autocast_keeps_maps_in_fp32(model):
     """docs/method.md#equivalent-forms: under bf16 autocast the distances and softmax stay fp32; maps agree with fp32 within 0.05."""
     model.eval()

@@ -35,9 +35,9 @@ def test_block_loop_compiles_as_one_graph():
     images = torch.randn(2, 3, 64, 64)
     encode = torch.compile(model.ivpt._encode, fullgraph=True, backend="eager")
     model.train()
-    tokens, *_ = encode(images, False)
-    eager_tokens, *_ = model.ivpt._encode(images, False)
-    torch.testing.assert_close(tokens, eager_tokens)
+    features, *_ = encode(images, False)
+    eager_features, *_ = model.ivpt._encode(images, False)
+    torch.testing.assert_close(features, eager_features)
     model.eval()
     with torch.no_grad():
         compiled = torch.compile(model, fullgraph=True, backend="eager")(images)
