@@ -1,22 +1,30 @@
 """Where the time of IVPT goes beyond its backbone: torch.profiler on the four modes of bench_model.py.
 
-    python bench/profile_model.py [--config full|tiny] [--batch 1] [--top 12] [--json OUT]
+    python bench/profile_model.py [--config full|tiny] [--batch 1] [--top 12] [--per_block] [--json OUT]
 
 For IVPT inference vs the bare forward, and the IVPT training step vs bare forward+backward + bare forward: per
 operator, the self CPU time of IVPT minus that of the bare modes (one profiled repetition each, after a warm-up),
 largest differences first. The difference is what the prototype machinery (and the second, warped pass) adds; the
 profiler's own overhead applies to both sides alike. A table of times, not a timing benchmark: read it with the
 model section's ratios.
+
+`--per_block`: the wall time of every backbone block (forward hooks, perf_counter) in the bare forward and in IVPT
+inference, over interleaved rounds of bench/timing.py (repetitions disturbed by other processes left out; min per
+block over the clean ones), and the time outside the blocks (IVPT: patch embedding, the prototype stages, pooling,
+heads). The prompted blocks run the patch tokens plus the K prompt tokens; this table shows whether they cost more
+than their share of extra tokens.
 """
 
 import argparse
 import json
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_model import CONFIGS, build  # noqa: E402
+import timing  # noqa: E402
 
 
 def self_cpu_by_op(function) -> tuple[Counter, float]:
@@ -38,14 +46,72 @@ def difference_table(ivpt: Counter, bare: Counter, top: int) -> list[dict]:
     return sorted(rows, key=lambda r: -r["extra_ms"])[:top]
 
 
+def per_block_times(model, modes: dict, rounds: int) -> dict:
+    """Per mode: per-block wall seconds (min over clean repetitions), the tokens each block ran, and the total."""
+    blocks = model.ivpt.backbone.blocks
+    current: dict[int, float] = {}
+    tokens: dict[int, int] = {}
+
+    def before(index):
+        return lambda module, args: current.__setitem__(index, time.perf_counter())
+
+    def after(index):
+        def hook(module, args, output):
+            current[index] = time.perf_counter() - current[index]
+            tokens[index] = output.shape[1]
+        return hook
+
+    handles = [h for i, block in enumerate(blocks)
+               for h in (block.register_forward_pre_hook(before(i)), block.register_forward_hook(after(i)))]
+    records: dict[str, list[dict]] = {name: [] for name in modes}
+    token_counts: dict[str, dict[int, int]] = {}
+
+    def recorded(name):
+        def run():
+            current.clear()
+            modes[name]()
+            records[name].append(dict(current))
+            token_counts[name] = dict(tokens)
+        return run
+
+    for function in modes.values():
+        function()  # warm-up, unrecorded
+    result = timing.time_modes({name: recorded(name) for name in modes}, min_rounds=rounds, max_rounds=rounds,
+                               warmup=False, log=lambda line: print(line, file=sys.stderr, flush=True))
+    for handle in handles:
+        handle.remove()
+    out = {"summary": result.summary()}
+    for name in modes:
+        clean = [r for r, rep in zip(records[name], result[name].repetitions) if not rep.flagged]
+        per_block = [min((r[i] for r in clean), default=float("nan")) for i in range(len(blocks))]
+        out[name] = {"blocks_s": per_block, "tokens": [token_counts[name][i] for i in range(len(blocks))],
+                     "total_s": result[name].min, "clean": len(clean), "flagged": result[name].flagged}
+    return out
+
+
+def per_block_markdown(times: dict, bare: str, ivpt: str) -> list[str]:
+    lines = [f"Per block, {ivpt} vs {bare} (wall ms, min over clean repetitions; {times['summary']}):", "",
+             "| block | tokens bare / IVPT | bare (ms) | IVPT (ms) | IVPT / bare |", "|---|---|---|---|---|"]
+    a, b = times[bare], times[ivpt]
+    for i, (x, y) in enumerate(zip(a["blocks_s"], b["blocks_s"])):
+        lines.append(f"| {i} | {a['tokens'][i]} / {b['tokens'][i]} | {1e3 * x:.1f} | {1e3 * y:.1f} | {y / x:.3f} |")
+    outside = [t["total_s"] - sum(t["blocks_s"]) for t in (a, b)]
+    lines.append(f"| outside the blocks | | {1e3 * outside[0]:.1f} | {1e3 * outside[1]:.1f} | |")
+    lines.append(f"| total (min) | | {1e3 * a['total_s']:.1f} | {1e3 * b['total_s']:.1f} "
+                 f"| {b['total_s'] / a['total_s']:.3f} |")
+    return lines + [""]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="full", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--top", type=int, default=12)
+    parser.add_argument("--per_block", action="store_true", help="also time every block (interleaved rounds)")
+    parser.add_argument("--per_block_rounds", type=int, default=6)
     parser.add_argument("--json")
     args = parser.parse_args()
-    _, modes = build(CONFIGS[args.config], args.batch)
+    model, modes = build(CONFIGS[args.config], args.batch)
     for function in modes.values():
         function()  # warm-up
     profiles = {name: self_cpu_by_op(function) for name, function in modes.items()}
@@ -63,6 +129,10 @@ def main():
                   "| operator | IVPT (ms) | bare (ms) | extra (ms) |", "|---|---|---|---|"]
         lines += [f"| `{r['op']}` | {r['ivpt_ms']:.1f} | {r['bare_ms']:.1f} | {r['extra_ms']:+.1f} |" for r in rows]
         lines.append("")
+    if args.per_block:
+        inference_modes = {name: modes[name] for name in ("bare_forward", "ivpt_inference")}
+        result["per_block"] = per_block_times(model, inference_modes, args.per_block_rounds)
+        lines += per_block_markdown(result["per_block"], "bare_forward", "ivpt_inference")
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:

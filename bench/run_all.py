@@ -5,7 +5,7 @@
                             [--demo_report demo_output/report/report.md]
 
 Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~16,
-of which batch 8 ~12), profile of the extra time (profile_model.py, ~1), speed features (bench_speed.py, ~7, most of
+of which batch 8 ~12), profile of the extra time and per-block times (profile_model.py --per_block, ~2), speed features (bench_speed.py, ~7, most of
 it inductor compiling), scaling (bench_scaling.py, ~3; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model
 section), evaluation backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data
 (bench_data.py, ~1-2), trainer overhead (bench_trainer.py, ~3). Two halves of ~15 minutes each: `--only model` and
@@ -35,7 +35,8 @@ SECTIONS = {
     "model": ("Model cost vs the bare backbone, and the goals (CPU, 2 threads, fp32)",
               ["bench/bench_model.py", "--config", "full"]),
     "speed": ("Speed features: torch.compile, bf16, gradient checkpointing, batching (CPU)", ["bench/bench_speed.py"]),
-    "profile": ("Where IVPT's time goes beyond its backbone (torch.profiler, CPU)", ["bench/profile_model.py"]),
+    "profile": ("Where IVPT's time goes beyond its backbone (torch.profiler, CPU)",
+                ["bench/profile_model.py", "--per_block"]),
     "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py", "--image_sizes", "392"]),
     "eval_passes": ("Evaluation cost in backbone passes", ["bench/bench_eval_passes.py"]),
     "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py", "--classes", "2"]),
