@@ -170,7 +170,8 @@ def render_markdown(result: dict) -> str:
             f"| {DESCRIPTIONS[row['pipeline']].format(workers=result['loader_workers'])} | {row['batch_size']} | "
             f"{row['trainer_images_per_s']:.1f} | {row['bare_images_per_s']:.1f} | {row['trainer_step_ms']:.1f} | "
             f"{row['batch_fetch_ms']:.2f} | {100 * row['overhead_median']:+.1f} % | "
-            + ", ".join(f"{100 * value:+.1f}" for value in sorted(row["overhead_per_run"])) + " % | "
+            + (", ".join(f"{100 * value:+.1f}" for value in sorted(row["overhead_per_run"])) + " %"
+               if row["overhead_per_run"] else "– (no clean run)") + " | "
             f"{row['clean']}/{row['flagged']} |"
         )
     lines += ["", f"Runs timed with `bench/timing.py`: {result['summary']}."]

@@ -5,10 +5,11 @@
                             [--demo_report demo_output/report/report.md]
 
 Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~16,
-of which batch 8 ~12), profile of the extra time and per-block times (profile_model.py --per_block, ~2), speed features (bench_speed.py, ~7, most of
-it inductor compiling), scaling (bench_scaling.py, ~3; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model
-section), evaluation backbone passes (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data
-(bench_data.py, ~1-2), trainer overhead (bench_trainer.py, ~3). Two halves of ~15 minutes each: `--only model` and
+of which batch 8 ~12), profile of the extra time and per-block times (profile_model.py --per_block, ~2), speed
+features (bench_speed.py, ~7, most of it inductor compiling), scaling (bench_scaling.py, ~7: ratios within 2 % of 1
+run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
+(bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, ~1-2), trainer overhead
+(bench_trainer.py, ~3). Two halves of ~16 and ~25 minutes: `--only model` and
 `--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
 and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
 rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with
