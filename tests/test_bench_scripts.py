@@ -104,3 +104,19 @@ def test_data_benchmark_runs_on_a_tiny_dataset(tmp_path):
     for job in report["jobs"].values():
         assert job["clean"] + job["flagged"] == 2 and all(seconds > 0 for seconds in job["all_s"])
     assert "clean/flagged" in report["markdown"] and report["rounds"] == 2
+
+
+def test_memory_children_run_with_a_fixed_mmap_threshold(monkeypatch):
+    """Peak RSS of a fresh process is the peak of live memory only when freed tensors go back to the OS at once."""
+    calls = []
+
+    def fake_run(command, env=None, **kwargs):
+        calls.append((command[command.index("--child") + 1], env))
+        return subprocess.CompletedProcess(command, 0, stdout="12.5\n")
+
+    monkeypatch.setattr(bench_model.subprocess, "run", fake_run)
+    assert bench_model.child("memory", "{}", 8, "ivpt_train_step") == 12.5
+    bench_model.child("timing", "{}", 1, 3, 10.0, 1.0)
+    (memory_kind, memory_env), (timing_kind, timing_env) = calls
+    assert memory_kind == "memory" and memory_env["MALLOC_MMAP_THRESHOLD_"] == "65536"
+    assert timing_kind == "timing" and timing_env is None  # timings keep the allocator's default (speed) behaviour
