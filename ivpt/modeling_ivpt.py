@@ -241,14 +241,22 @@ class IvptPromptStage(IvptPrototypeStage):
         self.prompt_projection = nn.Linear(hidden_size, hidden_size)
         self.num_parts, self.tau, self.hard = num_parts, config.routing_tau, config.routing_hard
 
-    def route(self, region_features: torch.Tensor, counts: torch.Tensor, sample_noise: bool) -> torch.Tensor:
+    def draw_noise(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Exp(1) samples `(B, F, K)` for the Gumbel noise of `route` (the draw of torch.nn.functional.gumbel_softmax)."""
+        num_foreground = self.prototypes.shape[0] - 1
+        return torch.empty(batch_size, num_foreground, self.num_parts, device=device,
+                           dtype=self.routing_head.weight.dtype).exponential_()
+
+    def route(self, region_features: torch.Tensor, counts: torch.Tensor,
+              exponential_noise: torch.Tensor | None) -> torch.Tensor:
         """Foreground region features `(B, F, D)` and counts `(B, F)` -> routing weights `(B, F, K)`, rows sum to 1.
 
-        Gumbel-softmax when `sample_noise`, plain softmax otherwise; empty prototypes get the uniform row 1/K.
+        Gumbel-softmax with Gumbel(0, 1) = -log(`exponential_noise`) (from `draw_noise`) when given, plain softmax
+        otherwise; empty prototypes get the uniform row 1/K.
         """
         logits = self.routing_head(region_features)
-        if sample_noise:  # the same Gumbel(0, 1) draw as torch.nn.functional.gumbel_softmax
-            logits = logits - torch.empty_like(logits).exponential_().log()
+        if exponential_noise is not None:
+            logits = logits - exponential_noise.log()
         weights = (logits / self.tau).softmax(-1)
         if self.hard:  # straight-through
             one_hot = torch.zeros_like(weights).scatter_(-1, weights.argmax(-1, keepdim=True), 1.0)
@@ -424,10 +432,14 @@ class IvptModel(IvptPreTrainedModel):
         """Final-LayerNorm'd patch tokens in float32, `(B, N, D)`."""
         return self.backbone.norm(tokens)[:, self.backbone.num_prefix_tokens :].float()
 
-    def _encode(self, pixel_values: torch.Tensor, sample_noise: bool):
+    def _routing_noise(self, batch_size: int, device: torch.device, sample_noise: bool) -> list[torch.Tensor | None]:
+        """Per intermediate stage, in stage order, the Exp(1) draws of its Gumbel routing noise (`None`s without)."""
+        return [stage.draw_noise(batch_size, device) if sample_noise else None for stage in self.stages[:-1]]
+
+    def _encode(self, pixel_values: torch.Tensor, routing_noise: list[torch.Tensor | None]):
         """The block loop of docs/method.md#forward-pass: returns the final patch features `(B, N, D)` (with gradients to the
         tokens), per-stage patch features (detached) and raw maps, the routing weights and projected maps of the
-        intermediate stages.
+        intermediate stages. `routing_noise`: from `_routing_noise` (one entry per intermediate stage).
 
         The final patch features are computed once: the last stage's maps read them detached and the part pooling
         reads them with gradients, so autograd keeps one `(B, N, D)` float32 copy instead of two (and the final
@@ -440,12 +452,12 @@ class IvptModel(IvptPreTrainedModel):
             tokens = self._run_block(block, tokens)
 
         stage_features, raw_maps, routing_weights, projected_maps = [], [], [], []
-        for stage, block in zip(self.stages[:-1], backbone.blocks[first_prompted:]):
+        for stage, block, noise in zip(self.stages[:-1], backbone.blocks[first_prompted:], routing_noise):
             features = self._patch_features(tokens.detach())
             maps = stage(features)  # (B, P, N)
             with full_precision(tokens.device):
                 region_features, counts = hard_pool(maps.detach(), features)
-                routing = stage.route(region_features[:, :-1], counts[:, :-1], sample_noise)
+                routing = stage.route(region_features[:, :-1], counts[:, :-1], noise)
                 prompts = stage.prompts(region_features[:, :-1], routing.detach())
                 projected_maps.append(project_maps(maps, routing))
             tokens = self._run_block(block, torch.cat([tokens, prompts.to(tokens.dtype)], dim=1))[:, :num_tokens]
@@ -480,9 +492,8 @@ class IvptModel(IvptPreTrainedModel):
         check_pixel_values(
             pixel_values, self.config, patch_projection.in_channels, patch_projection.weight.dtype, self.training
         )
-        final_features, _, raw_maps, routing_weights, projected_maps = self._encode(
-            pixel_values, self._sample_noise(sample_routing_noise)
-        )
+        noise = self._routing_noise(pixel_values.shape[0], pixel_values.device, self._sample_noise(sample_routing_noise))
+        final_features, _, raw_maps, routing_weights, projected_maps = self._encode(pixel_values, noise)
         eps_maps = [renormalise_with_eps(maps, self.config.map_eps) for maps in raw_maps]
         with full_precision(final_features.device):
             part_features, _ = hard_pool(eps_maps[-1], final_features)  # (B, K+1, D)
@@ -501,9 +512,17 @@ class IvptModel(IvptPreTrainedModel):
 
         This is the second (equivariance) pass: the maps are computed from detached tokens, so running the blocks
         under `no_grad` and recomputing only distances and softmax gives the same gradients for far less memory.
+        The blocks run one image at a time (the routing noise drawn for the whole batch first, in the order of a
+        batched pass, and sliced): this pass runs while the first pass's activations are kept for its backward, and
+        its transient buffers (MLP hidden states, attention) would otherwise set the training step's peak memory.
+        Per-image stage features are concatenated; outputs equal the batched pass within float rounding.
         """
+        batch_size = pixel_values.shape[0]
+        noise = self._routing_noise(batch_size, pixel_values.device, self._sample_noise(sample_routing_noise))
         with torch.no_grad():
-            _, stage_features, *_ = self._encode(pixel_values, self._sample_noise(sample_routing_noise))
+            per_image = [self._encode(pixel_values[i : i + 1], [n if n is None else n[i : i + 1] for n in noise])[1]
+                         for i in range(batch_size)]
+        stage_features = [torch.cat(features) for features in zip(*per_image)]  # per stage (B, N, D)
         return tuple(
             self._to_grid(renormalise_with_eps(stage(features), self.config.map_eps))
             for stage, features in zip(self.stages, stage_features)

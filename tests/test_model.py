@@ -203,7 +203,9 @@ def test_gradient_checkpointing_same_gradients(config):
 
 
 def test_equivariance_pass_without_backbone_graph_has_same_gradients(model):
-    """docs/method.md#equivalent-forms: maps recomputed from no-grad tokens give the prototypes the same gradients as a full-graph pass."""
+    """docs/method.md#equivalent-forms: maps recomputed from no-grad tokens give the prototypes the same gradients as a full-graph pass.
+    The cheap pass runs its blocks one image at a time (BATCH images, Gumbel routing noise on in training mode): the
+    same maps and gradients as the batched pass, the noise drawn in the same order."""
     model.train()
     x = images()
     torch.manual_seed(3)
@@ -334,7 +336,7 @@ def test_routing_prompts_and_projection_match_literal_loops():
     counts[1, 3] = 0
     maps = torch.randn(2, 6, 64, dtype=torch.float64, generator=g).softmax(1).requires_grad_(True)
 
-    routing = stage.route(region, counts, sample_noise=False)
+    routing = stage.route(region, counts, exponential_noise=None)
     expected = torch.softmax(stage.routing_head(region), -1)
     expected[1, 3] = 1 / 3
     torch.testing.assert_close(routing, expected)

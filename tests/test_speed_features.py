@@ -35,8 +35,8 @@ def test_block_loop_compiles_as_one_graph():
     images = torch.randn(2, 3, 64, 64)
     encode = torch.compile(model.ivpt._encode, fullgraph=True, backend="eager")
     model.train()
-    features, *_ = encode(images, False)
-    eager_features, *_ = model.ivpt._encode(images, False)
+    features, *_ = encode(images, [None, None])
+    eager_features, *_ = model.ivpt._encode(images, [None, None])
     torch.testing.assert_close(features, eager_features)
     model.eval()
     with torch.no_grad():
