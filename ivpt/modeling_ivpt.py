@@ -479,21 +479,32 @@ class IvptModel(IvptPreTrainedModel):
             return sample_routing_noise
         return self.config.gumbel_routing and (self.training or self.config.sample_routing_noise_in_eval)
 
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """[`check_pixel_values`] against this model's patch embedding and mode."""
+        patch_projection = self.backbone.patch_embed.proj
+        check_pixel_values(
+            pixel_values, self.config, patch_projection.in_channels, patch_projection.weight.dtype, self.training
+        )
+
     @can_return_tuple
-    def forward(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None, **kwargs) -> IvptModelOutput:
+    def forward(self, pixel_values: torch.Tensor, sample_routing_noise: bool | None = None,
+                routing_noise: list[torch.Tensor | None] | None = None, **kwargs) -> IvptModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
             Normalised images.
         sample_routing_noise (`bool`, *optional*):
             Draw Gumbel noise in the routing; defaults to `config.gumbel_routing` in training mode and to
             `config.gumbel_routing and config.sample_routing_noise_in_eval` in eval mode.
+        routing_noise (`list`, *optional*):
+            Noise drawn beforehand, one entry per intermediate stage (`IvptPromptStage.draw_noise`, or `None` for no
+            noise); replaces the draw of `sample_routing_noise`. The training objective draws it before running its
+            warped pass, so that the random draws keep their order when that pass runs first.
         """
-        patch_projection = self.backbone.patch_embed.proj
-        check_pixel_values(
-            pixel_values, self.config, patch_projection.in_channels, patch_projection.weight.dtype, self.training
-        )
-        noise = self._routing_noise(pixel_values.shape[0], pixel_values.device, self._sample_noise(sample_routing_noise))
-        final_features, _, raw_maps, routing_weights, projected_maps = self._encode(pixel_values, noise)
+        self.check_pixel_values(pixel_values)
+        if routing_noise is None:
+            routing_noise = self._routing_noise(pixel_values.shape[0], pixel_values.device,
+                                                self._sample_noise(sample_routing_noise))
+        final_features, _, raw_maps, routing_weights, projected_maps = self._encode(pixel_values, routing_noise)
         eps_maps = [renormalise_with_eps(maps, self.config.map_eps) for maps in raw_maps]
         with full_precision(final_features.device):
             part_features, _ = hard_pool(eps_maps[-1], final_features)  # (B, K+1, D)
@@ -571,13 +582,17 @@ class IvptForImageClassification(IvptPreTrainedModel):
         if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
             # Checked before the pixels (in `self.ivpt`): both host syncs then wait for the same queued work.
             check_labels(labels, pixel_values.shape[0], self.config.num_labels)
-        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise, return_dict=True)
+        noise = warp = warped_maps = None
+        if labels is not None and self.training:
+            noise, warp, warped_maps = self._warped_pass(pixel_values, sample_routing_noise)
+        outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise, routing_noise=noise,
+                            return_dict=True)
         part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
         logits = part_logits.mean(-1)
         loss = loss_terms = None
         if labels is not None:
             if self.training:
-                loss, loss_terms = self._training_objective(pixel_values, labels, logits, outputs, sample_routing_noise)
+                loss, loss_terms = self._training_objective(labels, logits, outputs, warp, warped_maps)
             else:
                 loss = F.cross_entropy(logits.float(), labels)
                 loss_terms = {"classification": loss}
@@ -585,14 +600,24 @@ class IvptForImageClassification(IvptPreTrainedModel):
             loss=loss, logits=logits, part_logits=part_logits, loss_terms=loss_terms, **outputs
         )
 
-    def _training_objective(self, pixel_values, labels, logits, outputs, sample_routing_noise):
-        config = self.config
+    def _warped_pass(self, pixel_values, sample_routing_noise):
+        """The equivariance pass of the training objective, run BEFORE the first pass: its transient buffers then
+        never sit on top of the first pass's activations kept for backward (the training step's peak memory). The
+        random draws keep the order of running it second: the first pass's routing noise (returned, for it), the
+        warp, the warped pass's noise. Returns that noise, the warp and the warped pass's stage maps."""
+        config, ivpt = self.config, self.ivpt
+        ivpt.check_pixel_values(pixel_values)  # before any work (checked again, cheaply, by the first pass)
+        noise = ivpt._routing_noise(pixel_values.shape[0], pixel_values.device,
+                                    ivpt._sample_noise(sample_routing_noise))
         warp = sample_equivariance_warp(
             config.image_size, config.equivariance_max_rotation, config.equivariance_max_translation,
             config.equivariance_scale_range,
         )
-        warped_maps = self.ivpt.assignment_maps_only(warp_images(pixel_values, warp), sample_routing_noise)
-        with full_precision(pixel_values.device):
+        return noise, warp, ivpt.assignment_maps_only(warp_images(pixel_values, warp), sample_routing_noise)
+
+    def _training_objective(self, labels, logits, outputs, warp, warped_maps):
+        config = self.config
+        with full_precision(logits.device):
             return ivpt_objective(
                 logits.float(),
                 labels,

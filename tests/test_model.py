@@ -256,6 +256,36 @@ def test_final_patch_features_shared_by_last_stage_and_pooling(model, config):
     assert len(final_copies) == 1
 
 
+def test_warped_pass_first_equals_the_objective_run_in_pass_order(model, config):
+    """The training step runs the equivariance (warped) pass before the first pass, for memory; with the random
+    draws kept in pass order (first pass's routing noise, warp, warped pass's noise) loss and gradients equal the
+    step that runs the first pass first. Gumbel routing noise on (training mode)."""
+    from ivpt.losses import sample_equivariance_warp, warp_images
+
+    model.train()
+    x, labels = images(), torch.tensor([0, 1, 2])
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(11)
+    step = model(x, labels=labels)
+    reordered = torch.autograd.grad(step.loss, trainable, allow_unused=True)
+    torch.manual_seed(11)
+    outputs = model.ivpt(x, return_dict=True)  # first pass first
+    warp = sample_equivariance_warp(config.image_size, config.equivariance_max_rotation,
+                                    config.equivariance_max_translation, config.equivariance_scale_range)
+    warped = model.ivpt.assignment_maps_only(warp_images(x, warp))
+    logits = model.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2).mean(-1)
+    loss, terms = model._training_objective(labels, logits, outputs, warp, warped)
+    in_order = torch.autograd.grad(loss, trainable, allow_unused=True)
+    torch.testing.assert_close(step.loss, loss, rtol=0, atol=0)
+    for name in terms:
+        torch.testing.assert_close(step.loss_terms[name], terms[name], rtol=0, atol=0)
+    assert sum(g is not None for g in in_order) > 5
+    for a, b in zip(reordered, in_order):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)
+
+
 def test_bf16_autocast_keeps_maps_in_fp32(model):
     """docs/method.md#equivalent-forms: under bf16 autocast the distances and softmax stay fp32; maps agree with fp32 within 0.05."""
     model.eval()
