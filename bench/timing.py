@@ -209,7 +209,8 @@ class TimingResult:
         clean, flagged = self.clean_flagged()
         return (f"{self.rounds} interleaved rounds; {clean} clean / {flagged} flagged repetitions "
                 f"(flagged = other processes used > {FLAG_ABSOLUTE_S} s + {FLAG_FRACTION:.0%} of the repetition's "
-                f"wall time in CPU, kernel threads not counted; excluded); stopped: {self.stop_reason}; statistic: min over clean repetitions")
+                f"wall time in CPU, kernel threads not counted; excluded); stopped: {self.stop_reason}; "
+                f"statistic: min over clean repetitions")
 
     def to_json(self) -> dict:
         return {"rounds": self.rounds, "stop_reason": self.stop_reason, "rule": self.rule,
@@ -281,7 +282,8 @@ def time_modes(
             f"min fell by > {tolerance:.0%} over the last {patience} rounds"
             + (f" and {', '.join(guards)} >= {1 + guard_margin:.2f} (else on to the last round)" if guards else "")
             + f"; at most {max_rounds} rounds" + (f" or {max_seconds:.0f} s" if max_seconds else "")
-            + (f"; each repetition >= {min_repetition_s:g} s (several calls at small sizes)" if min_repetition_s else ""))
+            + (f"; each repetition >= {min_repetition_s:g} s (several calls at small sizes)"
+               if min_repetition_s else ""))
     calls = dict.fromkeys(modes, 1)
     if warmup:
         for name, function in modes.items():

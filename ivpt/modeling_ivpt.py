@@ -465,7 +465,8 @@ class IvptModel(IvptPreTrainedModel):
             raw_maps.append(maps)
             routing_weights.append(routing)
 
-        final_features = self._patch_features(tokens).contiguous()  # (B, N, D); contiguous: the maps' matmul saves it as is
+        # (B, N, D), contiguous: the last stage's matmul then saves this tensor itself, not a reshaped copy
+        final_features = self._patch_features(tokens).contiguous()
         features = final_features.detach()
         stage_features.append(features)
         raw_maps.append(self.stages[-1](features))
@@ -523,17 +524,10 @@ class IvptModel(IvptPreTrainedModel):
 
         This is the second (equivariance) pass: the maps are computed from detached tokens, so running the blocks
         under `no_grad` and recomputing only distances and softmax gives the same gradients for far less memory.
-        The blocks run one image at a time (the routing noise drawn for the whole batch first, in the order of a
-        batched pass, and sliced): this pass runs while the first pass's activations are kept for its backward, and
-        its transient buffers (MLP hidden states, attention) would otherwise set the training step's peak memory.
-        Per-image stage features are concatenated; outputs equal the batched pass within float rounding.
         """
-        batch_size = pixel_values.shape[0]
-        noise = self._routing_noise(batch_size, pixel_values.device, self._sample_noise(sample_routing_noise))
+        noise = self._routing_noise(pixel_values.shape[0], pixel_values.device, self._sample_noise(sample_routing_noise))
         with torch.no_grad():
-            per_image = [self._encode(pixel_values[i : i + 1], [n if n is None else n[i : i + 1] for n in noise])[1]
-                         for i in range(batch_size)]
-        stage_features = [torch.cat(features) for features in zip(*per_image)]  # per stage (B, N, D)
+            stage_features = self._encode(pixel_values, noise)[1]
         return tuple(
             self._to_grid(renormalise_with_eps(stage(features), self.config.map_eps))
             for stage, features in zip(self.stages, stage_features)

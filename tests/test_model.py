@@ -203,9 +203,7 @@ def test_gradient_checkpointing_same_gradients(config):
 
 
 def test_equivariance_pass_without_backbone_graph_has_same_gradients(model):
-    """docs/method.md#equivalent-forms: maps recomputed from no-grad tokens give the prototypes the same gradients as a full-graph pass.
-    The cheap pass runs its blocks one image at a time (BATCH images, Gumbel routing noise on in training mode): the
-    same maps and gradients as the batched pass, the noise drawn in the same order."""
+    """docs/method.md#equivalent-forms: maps recomputed from no-grad tokens give the prototypes the same gradients as a full-graph pass."""
     model.train()
     x = images()
     torch.manual_seed(3)
