@@ -1,7 +1,10 @@
 """Shared fixtures. Tests never touch the network: the Hub and datasets are forced offline before any import."""
 
+import json
 import os
+import tempfile
 import textwrap
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -9,6 +12,28 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+
+
+def pytest_configure(config):
+    """Points `IVPT_BAD_INPUT_SUMMARY` at a temporary file unless it is set; the environment is set before the
+    pytest-xdist workers start, so the worker that runs tests/test_bad_input.py writes its matrix there."""
+    if not os.environ.get("IVPT_BAD_INPUT_SUMMARY") and not hasattr(config, "workerinput"):
+        handle, path = tempfile.mkstemp(prefix="ivpt_bad_input_", suffix=".json")
+        os.close(handle)
+        os.environ["IVPT_BAD_INPUT_SUMMARY"] = config._ivpt_summary_file = path
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Prints the bad-input matrix (tests/test_bad_input.py) at the end of the run, in the main process."""
+    path = Path(os.environ.get("IVPT_BAD_INPUT_SUMMARY", ""))
+    if path.is_file() and path.stat().st_size:
+        terminalreporter.write_line("")
+        for line in json.loads(path.read_text())["lines"]:
+            terminalreporter.write_line(line)
+    if getattr(config, "_ivpt_summary_file", None):
+        path.unlink(missing_ok=True)
+
 
 TINY_BACKBONE_KWARGS = {"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8}
 

@@ -10,7 +10,8 @@ Every case feeds one bad input and is classified as
 * partial: something was left in the output or cache folder the case watches.
 
 Each case asserts "clear". The per-surface counts of the four classes are printed at the end of the module (terminal
-summary line `bad-input matrix`) and written to `$IVPT_BAD_INPUT_SUMMARY` when that variable names a file. Cases that
+summary line `bad-input matrix`, through the file `$IVPT_BAD_INPUT_SUMMARY`, which conftest.py points to a
+temporary file unless it is set). Cases that
 other branches fix carry `xfail(strict=False)` with the branch in the reason.
 """
 
@@ -152,7 +153,7 @@ def env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def summary(request):
+def summary():
     results = {surface: {} for surface in SURFACES}
     yield results
     counts = {s: {o: sum(r == o for r in results[s].values()) for o in OUTCOMES} for s in SURFACES}
@@ -164,15 +165,11 @@ def summary(request):
         lines.append(f"{surface:<14}" + "".join(f"{row[o]:>9}" for o in OUTCOMES))
     not_clear = [f"  {s}-{n}: {r}" for s in SURFACES for n, r in results[s].items() if r != "clear"]
     lines += ["not clear:", *not_clear] if not_clear else []
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    capture = request.config.pluginmanager.get_plugin("capturemanager")
-    if reporter is not None and sum(total.values()):
-        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-            reporter.write_line("")
-            for line in lines:
-                reporter.write_line(line)
-    if os.environ.get("IVPT_BAD_INPUT_SUMMARY"):
-        Path(os.environ["IVPT_BAD_INPUT_SUMMARY"]).write_text(json.dumps({"counts": counts, "results": results}))
+    # Written to a file, not to the terminal: under pytest-xdist (`make test` runs one per core) a worker has no
+    # terminal; conftest.py's pytest_terminal_summary prints the lines in the main process.
+    if os.environ.get("IVPT_BAD_INPUT_SUMMARY") and sum(total.values()):
+        Path(os.environ["IVPT_BAD_INPUT_SUMMARY"]).write_text(
+            json.dumps({"counts": counts, "results": results, "lines": lines}))
 
 
 @pytest.fixture
