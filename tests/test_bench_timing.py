@@ -12,17 +12,19 @@ import timing  # noqa: E402
 
 
 class FakeMachine:
-    """A fake clock, /proc/stat busy counter, own-CPU counter and kernel-thread counters; `work(seconds, foreign,
-    kernel)` advances them as one repetition that took `seconds` of wall time, used `seconds` of own CPU, let other
-    processes use `foreign` and kernel thread pid 78 `kernel` CPU seconds."""
+    """A fake clock, /proc/stat busy and steal counters, own-CPU counter and kernel-thread counters; `work(seconds,
+    foreign, kernel, steal)` advances them as one repetition that took `seconds` of wall time, used `seconds` of own
+    CPU, let other processes use `foreign` and kernel thread pid 78 `kernel` CPU seconds, and lost `steal` CPU seconds
+    to the hypervisor."""
 
     def __init__(self):
-        self.now = self.busy = self.own = 0.0
+        self.now = self.busy = self.own = self.steal = 0.0
         self.kernel = {2: 0.0, 78: 0.0}
         self.listings = 0
 
-    def work(self, seconds: float, foreign: float = 0.0, kernel: float = 0.0):
+    def work(self, seconds: float, foreign: float = 0.0, kernel: float = 0.0, steal: float = 0.0):
         def run():
+            self.steal += steal
             self.now += seconds
             self.own += seconds
             self.busy += seconds + foreign + kernel
@@ -36,6 +38,7 @@ class FakeMachine:
 
     def monitor(self):
         return timing.ProcStatMonitor(read_busy=lambda: self.busy, read_own=lambda: self.own, clock=lambda: self.now,
+                                      read_steal=lambda: self.steal,
                                       list_kernel_threads=self.list_kernel_threads,
                                       read_kernel=lambda pids: sum(self.kernel[pid] for pid in pids))
 
@@ -85,16 +88,32 @@ def test_kernel_threads_are_found_by_flag_or_parent_and_their_cpu_summed(tmp_pat
     assert 2 in real and timing.threads_cpu_seconds(real) >= 0
 
 
-def test_proc_stat_reader_sums_busy_fields_including_steal(tmp_path):
+def test_proc_stat_readers_sum_busy_fields_and_read_steal_apart(tmp_path):
     stat = tmp_path / "stat"
     # user nice system idle iowait irq softirq steal guest guest_nice
     stat.write_text("cpu  100 10 50 9999 777 5 3 7 0 0\ncpu0 1 2 3 4 5 6 7 8 0 0\n")
     ticks = __import__("os").sysconf("SC_CLK_TCK")
-    assert timing.machine_busy_seconds(str(stat)) == pytest.approx((100 + 10 + 50 + 5 + 3 + 7) / ticks)
+    assert timing.machine_busy_seconds(str(stat)) == pytest.approx((100 + 10 + 50 + 5 + 3) / ticks)
+    assert timing.machine_steal_seconds(str(stat)) == pytest.approx(7 / ticks)
     stat.write_text("intr 1 2 3\n")
-    with pytest.raises(ValueError, match="aggregate `cpu` line"):
-        timing.machine_busy_seconds(str(stat))
-    assert timing.machine_busy_seconds() > 0  # the real /proc/stat parses
+    for reader in (timing.machine_busy_seconds, timing.machine_steal_seconds):
+        with pytest.raises(ValueError, match="aggregate `cpu` line"):
+            reader(str(stat))
+    assert timing.machine_busy_seconds() > 0 and timing.machine_steal_seconds() >= 0  # the real /proc/stat parses
+
+
+def test_steady_hypervisor_steal_is_allowed_and_bursts_are_flagged():
+    machine = FakeMachine()
+    monitor = machine.monitor()
+    steady = monitor.run(machine.work(20.0, foreign=0.1, steal=0.8))  # 4 % of one core: below 0.03 + 5 % of 20 s
+    burst = monitor.run(machine.work(20.0, foreign=0.1, steal=1.2))
+    assert not steady.flagged and steady.steal_cpu_s == pytest.approx(0.8) and steady.foreign_cpu_s == pytest.approx(0.1)
+    assert burst.flagged and burst.foreign_cpu_s == pytest.approx(0.1)  # steal is not foreign CPU
+    assert monitor.steal_threshold(20.0) == pytest.approx(timing.FLAG_ABSOLUTE_S + timing.STEAL_FRACTION * 20.0)
+    result = timing.TimingResult({"a": timing.ModeTiming("a", [steady, burst])}, 1, "test", "rule")
+    assert result.steal_fraction() == pytest.approx(2.0 / 40.0)
+    assert "hypervisor stole" in result.summary() and "5.0% of one core" in result.summary()
+    assert result.to_json()["modes"]["a"]["steal_cpu_s"] == [pytest.approx(0.8), pytest.approx(1.2)]
 
 
 def test_flagged_repetitions_are_excluded_and_counted():
