@@ -1,6 +1,6 @@
 """Model cost on CPU: IVPT against the bare timm backbone it contains, and the goals it must meet.
 
-    python bench/bench_model.py [--config tiny,full] [--batch 1,8] [--max_rounds 8] [--max_seconds 300]
+    python bench/bench_model.py [--config tiny,full] [--batch 1,8] [--max_rounds 8] [--max_seconds 600]
                                 [--min_repetition_s 1] [--json OUT]
 
 fp32, 2 torch threads, random weights. Modes: bare backbone forward (no grad); bare forward + backward to the trainable
@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -151,7 +152,9 @@ def measure(name: str, batch: int, max_rounds: int, max_seconds: float, memory: 
         "inference": medians["ivpt_inference"] / medians["bare_forward"],
         "train": medians["ivpt_train_step"] / (medians["bare_forward_backward"] + medians["bare_forward"]),
     }
-    result = {"config": name, "batch": batch, "timing": times, "ratios": ratios, "median_ratios": median_ratios}
+    paired = {key: timing.paired_round_ratios(times["modes"], *GUARDS[key]) for key in GUARDS}
+    result = {"config": name, "batch": batch, "timing": times, "ratios": ratios, "median_ratios": median_ratios,
+              "paired_round_ratios": paired}
     if memory:
         rss = {mode: child("memory", config_json, batch, mode) for mode in MEMORY_MODES}
         result["peak_rss_growth_mib"] = rss
@@ -204,6 +207,15 @@ def markdown(results: list[dict]) -> str:
             f"| {'–' if not flop else format(flop['inference'], '.4f') + ' / ' + format(flop['train'], '.4f')} "
             f"| {counts} | {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
         )
+    for result in results:
+        paired = result.get("paired_round_ratios", {})
+        if any(paired.values()):
+            lines.append("")
+            lines.append(f"{result['config']} batch {result['batch']}, per-round paired ratios (median over the rounds "
+                         "in which every mode involved was clean; a second estimate, immune to slow drift): "
+                         + "; ".join(f"{key} {statistics.median(values):.3f} over {len(values)} rounds "
+                                     f"(range {min(values):.3f}-{max(values):.3f})"
+                                     for key, values in paired.items() if values))
     lines += ["", "Times: min over clean repetitions (median in brackets); ratios use the mins. "
               "Peak RSS: growth over one step, each mode in a fresh process, glibc mmap threshold fixed at 64 KiB "
               "(peak RSS = peak of live memory). Method: `bench/timing.py` (kernel threads' CPU "
@@ -217,7 +229,7 @@ def main():
     parser.add_argument("--config", default="tiny,full", help="comma-separated: tiny, full")
     parser.add_argument("--batch", default="1,8", help="batch sizes of the full config (tiny runs at batch 1)")
     parser.add_argument("--max_rounds", type=int, default=8)
-    parser.add_argument("--max_seconds", type=float, default=300, help="cap on the timed rounds of one row")
+    parser.add_argument("--max_seconds", type=float, default=600, help="cap on the timed rounds of one row")
     parser.add_argument("--min_repetition_s", type=float, default=1.0,
                         help="a repetition runs a mode this long at least (several calls when one is shorter)")
     parser.add_argument("--no_memory", action="store_true", help="skip the fresh-process peak-memory runs")

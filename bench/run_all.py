@@ -90,7 +90,7 @@ def gpu_section(path: Path) -> str:
 def split_sections(text: str) -> dict[str, str]:
     """Existing BENCHMARKS.md sections by their `<!-- section: name -->` marker."""
     parts = re.split(r"<!-- section: (\w+) -->\n", text)
-    return {parts[i]: parts[i + 1] for i in range(1, len(parts) - 1, 2)}
+    return {parts[i]: parts[i + 1].rstrip("\n") + "\n" for i in range(1, len(parts) - 1, 2)}
 
 
 def main():
@@ -133,7 +133,8 @@ def write(target: Path, sections: dict[str, str]) -> None:
     order = ["demo", *SECTIONS, "gpu"]
     order += [name for name in sections if name not in order]  # sections of older layouts are kept, at the end
     text = "# Benchmarks\n\nWritten by `python bench/run_all.py` (`make bench`); each section names its command.\n\n"
-    text += "\n".join(f"<!-- section: {name} -->\n{sections[name]}" for name in order if name in sections)
+    bodies = {name: body.rstrip("\n") for name, body in sections.items()}  # one blank line between sections
+    text += "\n".join(f"<!-- section: {name} -->\n{bodies[name]}\n" for name in order if name in bodies)
     temporary = target.with_suffix(".md.tmp")
     temporary.write_text(text)
     temporary.replace(target)

@@ -212,6 +212,7 @@ class ModeTiming:
     def to_json(self) -> dict:
         return {"min_s": self.min, "median_s": self.median, "clean": len(self.clean), "flagged": self.flagged,
                 "all_s": [r.seconds for r in self.repetitions],
+                "flagged_each": [r.flagged for r in self.repetitions],
                 "foreign_cpu_s": [r.foreign_cpu_s for r in self.repetitions],
                 "kernel_thread_cpu_s": [r.kernel_thread_cpu_s for r in self.repetitions],
                 "steal_cpu_s": [r.steal_cpu_s for r in self.repetitions],
@@ -275,6 +276,17 @@ def guarded_ratios(guards: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
     mins (NaN while a mode has no clean repetition)."""
     return {label: sum(mins[n] for n in numerator) / sum(mins[d] for d in denominator)
             for label, (numerator, denominator) in guards.items()}
+
+
+def paired_round_ratios(modes: dict, numerator: tuple[str, ...], denominator: tuple[str, ...]) -> list[float]:
+    """Per-round ratios sum(numerator times) / sum(denominator times) over the rounds in which every mode involved
+    was clean (`modes`: `TimingResult.to_json()["modes"]`; repetition i of every mode ran in round i). The modes of
+    one round ran back to back, so slow drift of the machine cancels in each ratio; their median is a second estimate
+    beside the ratio of mins."""
+    names = (*numerator, *denominator)
+    rounds = min(len(modes[name]["all_s"]) for name in names)
+    return [sum(modes[n]["all_s"][i] for n in numerator) / sum(modes[d]["all_s"][i] for d in denominator)
+            for i in range(rounds) if not any(modes[name]["flagged_each"][i] for name in names)]
 
 
 def calls_for(seconds: float, min_repetition_s: float) -> int:

@@ -120,3 +120,13 @@ def test_memory_children_run_with_a_fixed_mmap_threshold(monkeypatch):
     (memory_kind, memory_env), (timing_kind, timing_env) = calls
     assert memory_kind == "memory" and memory_env["MALLOC_MMAP_THRESHOLD_"] == "65536"
     assert timing_kind == "timing" and timing_env is None  # timings keep the allocator's default (speed) behaviour
+
+
+def test_rewriting_benchmarks_md_keeps_its_sections_byte_for_byte(tmp_path):
+    import run_all
+
+    target = tmp_path / "BENCHMARKS.md"
+    run_all.write(target, {"model": "## Model\n\n| a |\n\n", "speed": "## Speed\n\ntext\n"})
+    first = target.read_text()
+    run_all.write(target, run_all.split_sections(first))
+    assert target.read_text() == first and "| a |\n\n<!-- section: speed -->" in first

@@ -219,3 +219,17 @@ def test_a_ratio_close_to_one_keeps_the_rounds_going():
     assert timing.guarded_ratios({"train": (("t",), ("a", "b"))}, {"t": 3.0, "a": 1.0, "b": 2.0}) == {"train": 1.0}
     with pytest.raises(ValueError, match="not timed: \\['nope'\\]"):
         timing.time_modes({"bare": machine.work(1.0)}, guards={"x": (("nope",), ("bare",))})
+
+
+def test_paired_round_ratios_use_rounds_where_every_mode_involved_was_clean():
+    modes = {"ivpt": {"all_s": [2.1, 2.2, 9.0, 2.0], "flagged_each": [False, False, True, False]},
+             "bare": {"all_s": [2.0, 2.0, 2.0, 2.0], "flagged_each": [False, False, False, False]},
+             "bwd": {"all_s": [4.0, 5.0, 4.0, 4.0], "flagged_each": [False, True, False, False]}}
+    assert timing.paired_round_ratios(modes, ("ivpt",), ("bare",)) == pytest.approx([1.05, 1.1, 1.0])
+    assert timing.paired_round_ratios(modes, ("ivpt",), ("bwd", "bare")) == pytest.approx([2.1 / 6, 2.0 / 6])
+    machine = FakeMachine()
+    monitor = machine.monitor()
+    result = timing.time_modes({"ivpt": machine.work(1.0), "bare": machine.work(1.0, foreign=0.5)}, min_rounds=2,
+                               max_rounds=2, monitor=monitor, clock=lambda: machine.now, before_each=lambda: None)
+    modes = result.to_json()["modes"]
+    assert modes["bare"]["flagged_each"] == [True, True] and timing.paired_round_ratios(modes, ("ivpt",), ("bare",)) == []
