@@ -480,6 +480,12 @@ def cli(argv: list[str] | None = None) -> None:
     except TrainingError as error:
         print(f"ivpt-train: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        # Under `accelerate launch`, leave the process group before the interpreter exits: left to exit-time
+        # teardown, gloo's threads can abort a rank ("terminate called without an active exception", exit -6)
+        # after all work is done.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 __all__ = ["card_recipe", "cli", "latest_complete_checkpoint", "main", "match_labels", "train"]
