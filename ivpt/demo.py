@@ -1,11 +1,14 @@
 """`make demo`: the whole IVPT workflow offline, on synthetic birds, with its quality measured.
 
     python -m ivpt.demo [--output_dir demo_output] [--recipe ivpt/recipes/demo.yaml]
+    python -m ivpt.demo --build_backbone      # `make backbone`: rebuild the shipped backbone file (~25 min, 2 cores)
 
-1. data: two synthetic CUB-200-2011 folders (`ivpt.data.synthetic`): one for IVPT, and one with a different class
-   table (other attribute combinations) for pre-training the backbone, like real pre-training on other data;
-2. backbone: a small DINOv2-family ViT pre-trained on the second set (class labels plus a label-free dense objective,
-   `ivpt.pretrain`), saved as a timm .safetensors file;
+1. data: a synthetic CUB-200-2011 folder for IVPT (`ivpt.data.synthetic`);
+2. backbone: a small DINOv2-family ViT pre-trained on another synthetic set, with a different class table (other
+   attribute combinations), like real pre-training on other data (class labels plus a label-free dense objective,
+   `ivpt.pretrain`), as a timm .safetensors file. Pre-training takes longer than the rest of the demo, so the
+   package ships the file the recipe's `backbone_file` names, with the stamp of the settings it was built from in its
+   header; the demo uses it when that stamp matches the recipe, and otherwise pre-trains here;
 3. IVPT: `ivpt.training.main` (what `ivpt-train` / `train_ivpt.py` run) with the recipe, the backbone frozen and
    loaded from that file via `--backbone_weights` (the path a user takes with an offline DINOv2 copy);
 4. evaluation: every metric of docs/method.md#evaluation-protocols for the trained model, the same model before IVPT
@@ -33,8 +36,11 @@ import yaml
 # Shipped inside the package (package data), so an installed ivpt runs the demo without a checkout.
 DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "demo.yaml"
 # Keys of the recipe's `demo:` section (the rest of the file is an `ivpt-train` recipe).
-DEMO_KEYS = {"classes", "images_per_class", "data_image_size", "pretrain_epochs", "pretrain_batch_size",
-             "pretrain_learning_rate", "pretrain_dense_weight", "seed"}
+DEMO_KEYS = {"classes", "images_per_class", "data_image_size", "seed", "pretrain_classes",
+             "pretrain_images_per_class", "pretrain_epochs", "pretrain_batch_size", "pretrain_learning_rate",
+             "pretrain_dense_objective", "pretrain_dense_weight", "backbone_file"}
+# Header key of a backbone file built by the demo: the stamp of its pre-training settings.
+BACKBONE_STAMP_KEY = "ivpt_demo_backbone_stamp"
 # The demo's quality bar on its test split (metrics.json "acceptance"): accuracy %, consistency %, NMI / ARI %
 # (normalised input).
 THRESHOLDS = {"top1_micro": 80.0, "consistency": 60.0, "nmi": 40.0, "ari": 25.0}
@@ -62,41 +68,72 @@ def load_recipe(path: Path) -> tuple[dict, dict]:
     """(demo settings, train_ivpt recipe) from the YAML file."""
     recipe = yaml.safe_load(path.read_text())
     demo = recipe.pop("demo", {})
-    unknown = set(demo) - DEMO_KEYS
-    if unknown:
-        raise ValueError(f"{path}: unknown keys in the demo section: {sorted(unknown)}")
+    unknown, missing = set(demo) - DEMO_KEYS, DEMO_KEYS - {"backbone_file"} - set(demo)
+    if unknown or missing:
+        raise ValueError(f"{path.name}: the demo section has unknown keys {sorted(unknown)} and lacks {sorted(missing)}")
     return demo, recipe
 
 
-def make_data(out: Path, demo: dict) -> tuple[Path, Path]:
+def make_synthetic_cub(folder: Path, classes: int, images_per_class: int, size: int, seed: int) -> Path:
     from .data import generate_cub
 
-    roots = []
-    for name, seed in (("ivpt_cub", demo["seed"]), ("pretrain_cub", demo["seed"] + 1)):
-        folder = out / "data" / name
-        stamp = stamp_of(classes=demo["classes"], per_class=demo["images_per_class"], size=demo["data_image_size"],
-                         seed=seed)
-        if not cached(folder, stamp):
-            log(f"generating {name}: {demo['classes']} classes x {demo['images_per_class']} images (seed {seed})")
-            generate_cub(folder, demo["classes"], demo["images_per_class"], demo["data_image_size"], seed)
-            mark(folder, stamp)
-        roots.append(folder / "CUB_200_2011")
-    return roots[0], roots[1]
+    stamp = stamp_of(classes=classes, per_class=images_per_class, size=size, seed=seed)
+    if not cached(folder, stamp):
+        log(f"generating {folder.name}: {classes} classes x {images_per_class} images (seed {seed})")
+        generate_cub(folder, classes, images_per_class, size, seed)
+        mark(folder, stamp)
+    return folder / "CUB_200_2011"
 
 
-def make_backbone(out: Path, pretrain_root: Path, demo: dict, recipe: dict) -> Path:
+def pretrain_settings(demo: dict, recipe: dict) -> dict:
+    """Everything the demo's backbone depends on: the pre-training set and the `ivpt.pretrain` arguments."""
+    return dict(
+        data=dict(classes=demo["pretrain_classes"], images_per_class=demo["pretrain_images_per_class"],
+                  size=demo["data_image_size"], seed=demo["seed"] + 1),
+        backbone=recipe["backbone"], backbone_kwargs=recipe["backbone_kwargs"], image_size=recipe["image_size"],
+        epochs=demo["pretrain_epochs"], batch_size=demo["pretrain_batch_size"],
+        learning_rate=demo["pretrain_learning_rate"], dense_objective=demo["pretrain_dense_objective"],
+        dense_weight=demo["pretrain_dense_weight"], seed=demo["seed"],
+    )
+
+
+def build_backbone(out: Path, settings: dict, target: Path) -> dict:
+    """Pre-trains the backbone of `settings` into `target` (its stamp in the file's header); returns the summary."""
     from .pretrain import pretrain_backbone
 
+    kwargs = dict(settings)
+    data = kwargs.pop("data")
+    pretrain_root = make_synthetic_cub(out / "data" / "pretrain_cub", data["classes"], data["images_per_class"],
+                                       data["size"], data["seed"])
+    log(f"pre-training the backbone ({settings['backbone']} {settings['backbone_kwargs']}) on "
+        f"{data['classes']} x {data['images_per_class']} synthetic images, {settings['epochs']} epochs")
+    metadata = {BACKBONE_STAMP_KEY: stamp_of(**settings), "ivpt_demo_pretrain_settings": json.dumps(settings)}
+    return pretrain_backbone(pretrain_root, target, cache_dir=str(out / "cache"), log=log, metadata=metadata,
+                             **kwargs)
+
+
+def file_stamp(path: Path) -> str | None:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as weights:
+        return (weights.metadata() or {}).get(BACKBONE_STAMP_KEY)
+
+
+def make_backbone(out: Path, demo: dict, recipe: dict, recipe_path: Path) -> Path:
+    """The shipped backbone file when it was built from the recipe's settings; otherwise one pre-trained here."""
+    settings = pretrain_settings(demo, recipe)
+    stamp = stamp_of(**settings)
+    shipped = recipe_path.parent / demo["backbone_file"] if demo.get("backbone_file") else None
+    if shipped is not None and shipped.exists():
+        if file_stamp(shipped) == stamp:
+            log(f"backbone: {shipped.name}, shipped with the recipe (rebuild: make backbone)")
+            return shipped
+        log(f"{shipped.name} was built from other pre-training settings than {recipe_path.name}'s: pre-training here")
     folder = out / "backbone"
     weights = folder / "backbone.safetensors"
-    kwargs = dict(backbone=recipe["backbone"], backbone_kwargs=recipe["backbone_kwargs"],
-                  image_size=recipe["image_size"], epochs=demo["pretrain_epochs"],
-                  batch_size=demo["pretrain_batch_size"], learning_rate=demo["pretrain_learning_rate"],
-                  dense_weight=demo.get("pretrain_dense_weight", 0.0), seed=demo["seed"])
-    stamp = stamp_of(data=str(pretrain_root), **kwargs)
     if not cached(folder, stamp):
-        log(f"pre-training the backbone ({recipe['backbone']} {recipe['backbone_kwargs']}) on {pretrain_root.parent}")
-        summary = pretrain_backbone(pretrain_root, weights, cache_dir=str(out / "cache"), log=log, **kwargs)
+        summary = build_backbone(out, settings, weights)
+        folder.mkdir(parents=True, exist_ok=True)
         (folder / "summary.json").write_text(json.dumps(summary, indent=2))
         mark(folder, stamp)
     return weights
@@ -250,14 +287,24 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--recipe", default=str(DEFAULT_RECIPE))
+    parser.add_argument("--build_backbone", action="store_true",
+                        help="pre-train the backbone into the recipe's backbone_file (make backbone) and stop")
     args = parser.parse_args(argv)
     torch.set_num_threads(min(torch.get_num_threads(), os.cpu_count() or 1))
     start = time.perf_counter()
     out = Path(args.output_dir).resolve()
     recipe_path = Path(args.recipe).resolve()
     demo, recipe = load_recipe(recipe_path)
-    data_root, pretrain_root = make_data(out, demo)
-    weights = make_backbone(out, pretrain_root, demo, recipe)
+    if args.build_backbone:
+        if not demo.get("backbone_file"):
+            parser.error(f"--build_backbone: {recipe_path.name} names no backbone_file in its demo section")
+        target = recipe_path.parent / demo["backbone_file"]
+        summary = build_backbone(out, pretrain_settings(demo, recipe), target)
+        log(f"wrote {target.name} in {summary['seconds']:.0f} s (train accuracy {summary['train_accuracy']:.1f}%)")
+        return summary
+    data_root = make_synthetic_cub(out / "data" / "ivpt_cub", demo["classes"], demo["images_per_class"],
+                                   demo["data_image_size"], demo["seed"])
+    weights = make_backbone(out, demo, recipe, recipe_path)
     checkpoint = train(out, data_root, weights, recipe)
     results = evaluate(out, checkpoint, weights, data_root)
     report = out / "report"

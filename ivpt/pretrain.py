@@ -9,10 +9,15 @@ Two objectives, summed:
 
 - class labels: cross-entropy of a linear head on the pooled output of one view (colours kept, so the classes,
   which are colour combinations, stay readable);
-- dense contrast within the image (no labels): two random crops of an image, one of them colour-jittered (hue
-  included); every patch of one view must find the *same place of the bird* among all places of the other view
-  (the crops' geometry is known). Colour cannot tell the places apart, so the features learn where on the bird a
-  patch is (its shape and context): the part information the IVPT prototypes need.
+- a dense objective on two random crops of an image, one of them colour-jittered (hue included), whose geometry is
+  known, so every patch of one view has its place in the other (no labels). Two choices (`dense_objective`):
+  - `"contrast"`: within the image, every patch must find the *same place of the bird* among all places of the
+    other view (dense InfoNCE). Colour cannot tell the places apart, so the features learn where on the bird a
+    patch is (its shape and context);
+  - `"clustering"`: across the batch, patches are assigned to a small set of learned prototypes with balanced
+    Sinkhorn codes (SwAV's swapped prediction, per patch): a patch must predict the code of the same place in the
+    other view. The clusters are shared by all images, so a place must look alike in every bird: part information
+    that holds across images, which is what the IVPT prototypes need.
 
 `kmeans_part_probe` measures that information in seconds: k-means on the frozen patch features, NMI / ARI of the
 keypoints' clusters against the keypoint names.
@@ -127,6 +132,42 @@ def dense_contrastive_loss(features_a, features_b, boxes, grid: int, temperature
     return sum(losses) / 2
 
 
+@torch.no_grad()
+def sinkhorn_codes(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -> torch.Tensor:
+    """Balanced soft assignments of `(M, C)` prototype scores (Sinkhorn-Knopp, as in SwAV): rows sum to 1 and every
+    prototype receives about M / C of the mass, so the codes cannot collapse onto one prototype."""
+    codes = torch.exp((scores - scores.max()) / epsilon)  # (M, C)
+    codes /= codes.sum()
+    for _ in range(iterations):
+        codes /= codes.sum(dim=0, keepdim=True) * codes.shape[1]  # each prototype: 1 / C of the mass
+        codes /= codes.sum(dim=1, keepdim=True) * codes.shape[0]  # each patch: 1 / M
+    return codes * codes.shape[0]
+
+
+def dense_clustering_loss(features_a, features_b, boxes, grid: int, prototypes: torch.Tensor,
+                          temperature: float = 0.1, epsilon: float = 0.05) -> torch.Tensor:
+    """Per-patch swapped prediction between two views, `(B, N, C)` L2-normalised patch projections each.
+
+    The other view's features at a patch's place (`boxes` `(B, 2, 5)`, see `TwoViews`; places outside it are left
+    out) are given balanced codes over the `(P, C)` L2-normalised `prototypes` (`sinkhorn_codes`, no gradient); the
+    patch must predict them with a softmax over its own prototype scores at `temperature`. Symmetric in the views.
+    """
+    losses = []
+    for source_features, target_features, source, target in ((features_a, features_b, boxes[:, 0], boxes[:, 1]),
+                                                              (features_b, features_a, boxes[:, 1], boxes[:, 0])):
+        points, inside = corresponding_points(grid, source, target)  # (B, N, 2), (B, N)
+        target_grid = target_features.transpose(1, 2).unflatten(-1, (grid, grid))  # (B, C, g, g)
+        sampled = F.grid_sample(target_grid, points[:, None], mode="bilinear", padding_mode="border",
+                                align_corners=False)[:, :, 0].transpose(1, 2)  # (B, N, C) at the source's places
+        codes = sinkhorn_codes(F.normalize(sampled[inside], dim=-1) @ prototypes.T, epsilon)  # (M, P)
+        log_probabilities = F.log_softmax(source_features[inside] @ prototypes.T / temperature, dim=-1)
+        losses.append(-(codes * log_probabilities).sum(-1).mean())
+    return sum(losses) / 2
+
+
+DENSE_OBJECTIVES = ("contrast", "clustering")
+
+
 def pretrain_backbone(
     data_dir: str | Path,
     out_file: str | Path,
@@ -137,15 +178,21 @@ def pretrain_backbone(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     dense_weight: float = 1.0,
+    dense_objective: str = "contrast",
+    num_dense_prototypes: int = 16,
     seed: int = 0,
+    metadata: dict[str, str] | None = None,
     cache_dir: str | None = None,
     log=print,
 ) -> dict:
     """Trains `backbone` (plus a linear head and a dense head) on the train and test images of `data_dir`, with
-    class labels and dense self-distillation (weight `dense_weight`; 0 = labels only); saves the backbone only.
+    class labels and the dense objective `dense_objective` ("contrast" or "clustering", with `num_dense_prototypes`
+    clusters; weight `dense_weight`, 0 = labels only); saves the backbone only, with `metadata` in the file's header.
 
     Returns a summary: final training accuracy (%), losses, number of images, seconds.
     """
+    if dense_objective not in DENSE_OBJECTIVES:
+        raise ValueError(f"dense_objective: {dense_objective!r} is not one of {DENSE_OBJECTIVES}")
     torch.manual_seed(seed)
     dataset = load_cub(data_dir, "full", cache_dir=cache_dir, segmentations=False)
     images = torch.utils.data.ConcatDataset([dataset["train"], dataset["test"]])
@@ -163,6 +210,9 @@ def pretrain_backbone(
     dense_head = DenseHead(model.embed_dim)
     grid = image_size // model.patch_embed.patch_size[0]
     parameters = [*model.parameters(), *dense_head.parameters()]
+    if dense_objective == "clustering":
+        cluster_prototypes = nn.Linear(dense_head.projection[-1].out_features, num_dense_prototypes, bias=False)
+        parameters += list(cluster_prototypes.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.05)
     total_steps = epochs * len(loader)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -179,7 +229,12 @@ def pretrain_backbone(
             loss = class_loss
             if dense_weight > 0:
                 features_a, features_b = dense_head(tokens[:, model.num_prefix_tokens:]).chunk(2)
-                dense_loss = dense_contrastive_loss(features_a, features_b, boxes, grid)
+                if dense_objective == "clustering":
+                    with torch.no_grad():  # the prototypes stay on the unit sphere (SwAV)
+                        cluster_prototypes.weight.copy_(F.normalize(cluster_prototypes.weight, dim=1))
+                    dense_loss = dense_clustering_loss(features_a, features_b, boxes, grid, cluster_prototypes.weight)
+                else:
+                    dense_loss = dense_contrastive_loss(features_a, features_b, boxes, grid)
                 loss = loss + dense_weight * dense_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -195,7 +250,7 @@ def pretrain_backbone(
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     temporary = out_file.with_name(f".{out_file.name}.tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, temporary, metadata=metadata)
     temporary.replace(out_file)
     return {"train_accuracy": 100 * correct / max(1, seen), "class_loss": class_loss.item(),
             "dense_loss": dense_loss.item() if dense_weight > 0 else None, "num_images": len(images),

@@ -6,17 +6,71 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
+def miniature_recipe(folder: Path) -> Path:
     recipe = yaml.safe_load((REPO / "ivpt" / "recipes" / "demo.yaml").read_text())
-    recipe["demo"].update(classes=3, images_per_class=4, data_image_size=64, pretrain_epochs=1, pretrain_batch_size=4)
+    recipe["demo"].update(classes=3, images_per_class=4, data_image_size=64, pretrain_classes=3,
+                          pretrain_images_per_class=4, pretrain_epochs=1, pretrain_batch_size=4)
     recipe.update(backbone_kwargs={"embed_dim": 32, "depth": 4, "num_heads": 2, "patch_size": 8}, image_size=64,
                   n_pro=[6, 5, 4], num_train_epochs=1, per_device_train_batch_size=2, logging_steps=1)
-    (tmp_path / "mini.yaml").write_text(yaml.safe_dump(recipe))
+    (folder / "mini.yaml").write_text(yaml.safe_dump(recipe))
+    return folder / "mini.yaml"
+
+
+def test_shipped_backbone_was_built_from_the_shipped_recipe():
+    """`make demo` uses ivpt/recipes/demo_backbone.safetensors only if its header's stamp matches the recipe's
+    pre-training settings; a recipe edit without `make backbone` would silently add ~25 min to the demo."""
+    from ivpt.demo import DEFAULT_RECIPE, file_stamp, load_recipe, pretrain_settings, stamp_of
+
+    demo, recipe = load_recipe(DEFAULT_RECIPE)
+    shipped = DEFAULT_RECIPE.parent / demo["backbone_file"]
+    assert file_stamp(shipped) == stamp_of(**pretrain_settings(demo, recipe)), "run `make backbone`"
+
+
+def test_build_backbone_command_writes_the_file_the_demo_then_uses(tmp_path, monkeypatch):
+    """`make backbone` (python -m ivpt.demo --build_backbone) on the miniature recipe, then the demo's choice of
+    backbone: the built file while its stamp matches the recipe, a backbone pre-trained in place once it does not."""
+    from ivpt import demo as demo_module
+
+    recipe_path = miniature_recipe(tmp_path)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    command = [sys.executable, "-m", "ivpt.demo", "--build_backbone", "--recipe", str(recipe_path),
+               "--output_dir", str(tmp_path / "out")]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    built = tmp_path / "demo_backbone.safetensors"
+    assert "wrote demo_backbone.safetensors" in result.stdout and not list(tmp_path.glob(".*.tmp"))
+    assert not (tmp_path / "out" / "ivpt").exists()  # it stops after the backbone
+    demo, recipe = demo_module.load_recipe(recipe_path)
+    assert demo_module.file_stamp(built) == demo_module.stamp_of(**demo_module.pretrain_settings(demo, recipe))
+    assert demo_module.make_backbone(tmp_path / "out", demo, recipe, recipe_path) == built
+    built_elsewhere = []
+    monkeypatch.setattr(demo_module, "build_backbone",
+                        lambda out, settings, target: built_elsewhere.append(settings) or {})
+    demo["pretrain_epochs"] = 2  # the file no longer matches the recipe
+    weights = demo_module.make_backbone(tmp_path / "out", demo, recipe, recipe_path)
+    assert weights == tmp_path / "out" / "backbone" / "backbone.safetensors" and built_elsewhere[0]["epochs"] == 2
+
+
+def test_demo_recipe_errors_name_the_file_and_keys(tmp_path):
+    from ivpt.demo import load_recipe
+
+    recipe = yaml.safe_load((REPO / "ivpt" / "recipes" / "demo.yaml").read_text())
+    del recipe["demo"]["pretrain_dense_objective"]
+    recipe["demo"]["pretrain_steps"] = 3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ValueError, match=r"bad.yaml: the demo section has unknown keys \['pretrain_steps'\] and "
+                                         r"lacks \['pretrain_dense_objective'\]"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
+    miniature_recipe(tmp_path)
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     command = [sys.executable, "-m", "ivpt.demo", "--recipe", str(tmp_path / "mini.yaml"),
                "--output_dir", str(tmp_path / "out")]

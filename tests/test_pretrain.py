@@ -1,5 +1,5 @@
-"""Backbone pre-training of the demo (ivpt/pretrain.py): view geometry, the dense contrastive loss, a tiny run and the
-k-means part probe."""
+"""Backbone pre-training of the demo (ivpt/pretrain.py): view geometry, the dense objectives (contrast and
+clustering), tiny runs and the k-means part probe."""
 
 import math
 
@@ -11,8 +11,11 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ivpt.data import load_cub
-from ivpt.pretrain import (TwoViews, corresponding_points, dense_contrastive_loss, kmeans_part_probe,
-                           load_backbone_file, pretrain_backbone)
+import pytest
+from safetensors import safe_open
+
+from ivpt.pretrain import (TwoViews, corresponding_points, dense_clustering_loss, dense_contrastive_loss,
+                           kmeans_part_probe, load_backbone_file, pretrain_backbone, sinkhorn_codes)
 
 
 def test_corresponding_points_follow_crops_and_flips():
@@ -66,6 +69,58 @@ def test_dense_contrastive_loss_rewards_features_that_say_where_a_place_is():
     # a -> b: 8 of a's places lie in b; b -> a: all 16 of b's places lie in a
     torch.testing.assert_close(dense_contrastive_loss(constant, constant, half, grid),
                                torch.tensor((math.log(8) + math.log(16)) / 2))
+
+
+def test_sinkhorn_codes_are_balanced_soft_assignments():
+    torch.manual_seed(0)
+    scores = torch.randn(60, 6) * 0.05  # scores on the unit sphere: cosines
+    scores[:, 0] += 0.3  # every patch prefers prototype 0
+    codes = sinkhorn_codes(scores, epsilon=0.05, iterations=50)
+    assert (codes >= 0).all()
+    torch.testing.assert_close(codes.sum(1), torch.ones(60))  # one unit of mass per patch
+    torch.testing.assert_close(codes.sum(0), torch.full((6,), 10.0), atol=0.05, rtol=0)  # 60 / 6 per prototype
+    assert (F.softmax(scores / 0.05, dim=1).sum(0)[0] > 50) and codes.argmax(1).bincount(minlength=6).min() > 0
+    few = sinkhorn_codes(scores, epsilon=0.05)  # SwAV's 3 iterations: rows exact, columns close to balanced
+    torch.testing.assert_close(few.sum(1), torch.ones(60))
+    assert few.sum(0).max() < 2 * 10
+
+
+def test_dense_clustering_loss_rewards_places_that_keep_their_cluster():
+    torch.manual_seed(0)
+    grid, prototypes = 4, F.normalize(torch.randn(16, 8), dim=-1)
+    features = prototypes[torch.randperm(16)][None].expand(2, -1, -1)  # every place sits on its own prototype
+    boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0, 0.0]]).expand(2, 2, 5)
+    same = dense_clustering_loss(features, features, boxes, grid, prototypes)
+    shuffled = dense_clustering_loss(features, features[:, torch.randperm(grid * grid)], boxes, grid, prototypes)
+    assert same < 1.0 < math.log(16) - 0.5 < shuffled
+    flipped = boxes.clone()
+    flipped[:, 1, 4] = 1.0  # view b is the mirror image of view a
+    mirrored = features.unflatten(1, (grid, grid)).flip(2).flatten(1, 2)
+    torch.testing.assert_close(dense_clustering_loss(features, mirrored, flipped, grid, prototypes), same)
+    # constant features: all places score alike, so the balanced codes are uniform over the prototypes and the loss
+    # is the cross-entropy of the uniform distribution with the (shared) prediction
+    constant = F.normalize(torch.ones(2, grid * grid, 8), dim=-1)
+    expected = -F.log_softmax(constant[0, 0] @ prototypes.T / 0.1, dim=-1).mean()
+    torch.testing.assert_close(dense_clustering_loss(constant, constant, boxes, grid, prototypes), expected)
+    features.requires_grad_(True)
+    dense_clustering_loss(features, features.detach(), boxes, grid, prototypes).backward()
+    assert features.grad.abs().sum() > 0  # the codes carry no gradient; the prediction does
+
+
+def test_pretrain_backbone_clustering_objective_and_header(synthetic_root, tmp_path):  # noqa: F811
+    kwargs = {"embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
+    common = dict(backbone="vit_base_patch14_reg4_dinov2", backbone_kwargs=kwargs, image_size=32, epochs=1,
+                  batch_size=4, cache_dir=str(tmp_path / "cache"), log=lambda _: None)
+    out = tmp_path / "clustering.safetensors"
+    summary = pretrain_backbone(synthetic_root, out, dense_objective="clustering", num_dense_prototypes=5,
+                                metadata={"origin": "test"}, **common)
+    assert math.isfinite(summary["dense_loss"]) and 0 < summary["dense_loss"] < 2 * math.log(5)
+    with safe_open(str(out), "pt") as weights:
+        assert weights.metadata()["origin"] == "test"
+        assert not any(key.startswith("head") for key in weights.keys())
+    with pytest.raises(ValueError, match="dense_objective: 'swav' is not one of"):
+        pretrain_backbone(synthetic_root, tmp_path / "never.safetensors", dense_objective="swav", **common)
+    assert not (tmp_path / "never.safetensors").exists()
 
 
 def test_pretrain_backbone_tiny_run_and_part_probe(synthetic_root, tmp_path):  # noqa: F811
