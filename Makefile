@@ -10,7 +10,7 @@ TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 # tests/test_app.py drives the explanation app in Debian's Chromium through its matching driver (no browser download).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: test demo backbone bench install browser clean
+.PHONY: test demo bench install browser clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -32,10 +32,6 @@ test: $(STAMP) browser
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m ivpt.demo
-
-# Rebuilds ivpt/recipes/demo_backbone.safetensors, the pre-trained backbone the demo ships (~25 min on 2 cores).
-backbone: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m ivpt.demo --build_backbone
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py

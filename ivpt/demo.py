@@ -1,14 +1,14 @@
 """`make demo`: the whole IVPT workflow offline, on synthetic birds, with its quality measured.
 
     python -m ivpt.demo [--output_dir demo_output] [--recipe ivpt/recipes/demo.yaml]
-    python -m ivpt.demo --build_backbone      # `make backbone`: rebuild the shipped backbone file (~25 min, 2 cores)
+    python -m ivpt.demo --build_backbone      # pre-train the backbone once into the recipe's backbone_file
 
 1. data: a synthetic CUB-200-2011 folder for IVPT (`ivpt.data.synthetic`);
 2. backbone: a small DINOv2-family ViT pre-trained on another synthetic set, with a different class table (other
    attribute combinations), like real pre-training on other data (class labels plus a label-free dense objective,
-   `ivpt.pretrain`), as a timm .safetensors file. Pre-training takes longer than the rest of the demo, so the
-   package ships the file the recipe's `backbone_file` names, with the stamp of the settings it was built from in its
-   header; the demo uses it when that stamp matches the recipe, and otherwise pre-trains here;
+   `ivpt.pretrain`), as a timm .safetensors file. A recipe may name a `backbone_file` (next to it) built once by
+   `--build_backbone`, with the stamp of its pre-training settings in its header; the demo uses it while that stamp
+   matches the recipe, and otherwise pre-trains here;
 3. IVPT: `ivpt.training.main` (what `ivpt-train` / `train_ivpt.py` run) with the recipe, the backbone frozen and
    loaded from that file via `--backbone_weights` (the path a user takes with an offline DINOv2 copy);
 4. evaluation: every metric of docs/method.md#evaluation-protocols for the trained model, the same model before IVPT
@@ -120,15 +120,15 @@ def file_stamp(path: Path) -> str | None:
 
 
 def make_backbone(out: Path, demo: dict, recipe: dict, recipe_path: Path) -> Path:
-    """The shipped backbone file when it was built from the recipe's settings; otherwise one pre-trained here."""
+    """The recipe's backbone_file when it was built from the recipe's settings; otherwise one pre-trained here."""
     settings = pretrain_settings(demo, recipe)
     stamp = stamp_of(**settings)
-    shipped = recipe_path.parent / demo["backbone_file"] if demo.get("backbone_file") else None
-    if shipped is not None and shipped.exists():
-        if file_stamp(shipped) == stamp:
-            log(f"backbone: {shipped.name}, shipped with the recipe (rebuild: make backbone)")
-            return shipped
-        log(f"{shipped.name} was built from other pre-training settings than {recipe_path.name}'s: pre-training here")
+    prebuilt = recipe_path.parent / demo["backbone_file"] if demo.get("backbone_file") else None
+    if prebuilt is not None and prebuilt.exists():
+        if file_stamp(prebuilt) == stamp:
+            log(f"backbone: {prebuilt.name}, built for this recipe (rebuild: python -m ivpt.demo --build_backbone)")
+            return prebuilt
+        log(f"{prebuilt.name} was built from other pre-training settings than {recipe_path.name}'s: pre-training here")
     folder = out / "backbone"
     weights = folder / "backbone.safetensors"
     if not cached(folder, stamp):

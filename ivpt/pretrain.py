@@ -110,6 +110,19 @@ class DenseHead(nn.Module):
         return F.normalize(self.projection(tokens), dim=-1)
 
 
+def views_at_same_places(features_a, features_b, boxes, grid: int):
+    """Both directions of a view pair: `(source_features, sampled, inside)` with `sampled` `(B, N, C)` the other
+    view's features bilinearly sampled at the places of the source's `N` patches (`boxes` `(B, 2, 5)`, see
+    `TwoViews`) and `inside` `(B, N)` the places that lie in the other view."""
+    for source_features, target_features, source, target in ((features_a, features_b, boxes[:, 0], boxes[:, 1]),
+                                                              (features_b, features_a, boxes[:, 1], boxes[:, 0])):
+        points, inside = corresponding_points(grid, source, target)  # (B, N, 2), (B, N)
+        target_grid = target_features.transpose(1, 2).unflatten(-1, (grid, grid))  # (B, C, g, g)
+        sampled = F.grid_sample(target_grid, points[:, None], mode="bilinear", padding_mode="border",
+                                align_corners=False)[:, :, 0].transpose(1, 2)  # (B, N, C)
+        yield source_features, sampled, inside
+
+
 def dense_contrastive_loss(features_a, features_b, boxes, grid: int, temperature: float = 0.2) -> torch.Tensor:
     """Within-image dense InfoNCE between two views, `(B, N, C)` L2-normalised patch projections each.
 
@@ -119,13 +132,8 @@ def dense_contrastive_loss(features_a, features_b, boxes, grid: int, temperature
     patch is, whatever its colour: part information, without part labels. Symmetric in the two views.
     """
     losses = []
-    for source_features, target_features, source, target in ((features_a, features_b, boxes[:, 0], boxes[:, 1]),
-                                                              (features_b, features_a, boxes[:, 1], boxes[:, 0])):
-        points, inside = corresponding_points(grid, source, target)  # (B, N, 2), (B, N)
-        target_grid = target_features.transpose(1, 2).unflatten(-1, (grid, grid))  # (B, C, g, g)
-        sampled = F.grid_sample(target_grid, points[:, None], mode="bilinear", padding_mode="border",
-                                align_corners=False)[:, :, 0]  # (B, C, N): the target view at the source's places
-        logits = source_features @ F.normalize(sampled, dim=1) / temperature  # (B, N, N)
+    for source_features, sampled, inside in views_at_same_places(features_a, features_b, boxes, grid):
+        logits = source_features @ F.normalize(sampled, dim=-1).transpose(1, 2) / temperature  # (B, N, N)
         logits = logits.masked_fill(~inside[:, None, :], float("-inf"))
         targets = torch.arange(logits.shape[1]).expand(len(logits), -1)
         losses.append(F.cross_entropy(logits[inside], targets[inside]))
@@ -153,12 +161,7 @@ def dense_clustering_loss(features_a, features_b, boxes, grid: int, prototypes: 
     patch must predict them with a softmax over its own prototype scores at `temperature`. Symmetric in the views.
     """
     losses = []
-    for source_features, target_features, source, target in ((features_a, features_b, boxes[:, 0], boxes[:, 1]),
-                                                              (features_b, features_a, boxes[:, 1], boxes[:, 0])):
-        points, inside = corresponding_points(grid, source, target)  # (B, N, 2), (B, N)
-        target_grid = target_features.transpose(1, 2).unflatten(-1, (grid, grid))  # (B, C, g, g)
-        sampled = F.grid_sample(target_grid, points[:, None], mode="bilinear", padding_mode="border",
-                                align_corners=False)[:, :, 0].transpose(1, 2)  # (B, N, C) at the source's places
+    for source_features, sampled, inside in views_at_same_places(features_a, features_b, boxes, grid):
         codes = sinkhorn_codes(F.normalize(sampled[inside], dim=-1) @ prototypes.T, epsilon)  # (M, P)
         log_probabilities = F.log_softmax(source_features[inside] @ prototypes.T / temperature, dim=-1)
         losses.append(-(codes * log_probabilities).sum(-1).mean())

@@ -26,7 +26,7 @@ def wheel(tmp_path_factory):
 
 def test_wheel_carries_the_workflows_and_the_demo_recipe(wheel):
     names = set(wheel.namelist())
-    for member in ("ivpt/recipes/demo.yaml", "ivpt/recipes/demo_backbone.safetensors", "ivpt/demo.py", "ivpt/training/run.py", "ivpt/evaluation/cli.py",
+    for member in ("ivpt/recipes/demo.yaml", "ivpt/demo.py", "ivpt/training/run.py", "ivpt/evaluation/cli.py",
                    "ivpt/app.py"):
         assert member in names, member
     (entry_points,) = [name for name in names if name.endswith("entry_points.txt")]
