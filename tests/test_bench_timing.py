@@ -233,3 +233,26 @@ def test_paired_round_ratios_use_rounds_where_every_mode_involved_was_clean():
                                max_rounds=2, monitor=monitor, clock=lambda: machine.now, before_each=lambda: None)
     modes = result.to_json()["modes"]
     assert modes["bare"]["flagged_each"] == [True, True] and timing.paired_round_ratios(modes, ("ivpt",), ("bare",)) == []
+
+
+def test_a_ratio_below_one_runs_extra_rounds_until_the_floor_is_reached():
+    machine = FakeMachine()
+    guards = {"ivpt / bare": (("ivpt",), ("bare",))}
+    kwargs = dict(guards=guards, monitor=machine.monitor(), before_each=lambda: None, warmup=False)
+    # a ratio that stays below 1: the rounds go on to impossible_max_rounds, and the reason says so
+    stuck = timing.time_modes({"bare": machine.work(1.0), "ivpt": machine.work(0.99)}, min_rounds=2, max_rounds=3,
+                              impossible_max_rounds=5, **kwargs)
+    assert stuck.rounds == 5 and "ivpt / bare < 1, and impossible_max_rounds (5) too" in stuck.stop_reason
+    assert "(5 while a guarded ratio is < 1)" in stuck.rule
+    calls = {"bare": 0}
+
+    def bare():  # the first 4 calls run at 0.995 (not yet at the floor), later ones at the floor 0.98
+        calls["bare"] += 1
+        machine.work(0.995 if calls["bare"] <= 4 else 0.98)()
+
+    # ivpt 0.99 over bare 0.995 is below 1 at max_rounds (3); the 5th round brings the bare min to its floor
+    recovering = timing.time_modes({"bare": bare, "ivpt": machine.work(0.99)}, min_rounds=2, max_rounds=3, **kwargs)
+    assert recovering.rounds == 5 and recovering["bare"].min == pytest.approx(0.98)
+    assert "2 more rounds until every guarded ratio was >= 1" in recovering.stop_reason
+    with pytest.raises(ValueError, match="impossible_max_rounds \\(2\\) >= max_rounds \\(3\\)"):
+        timing.time_modes({"bare": machine.work(1.0)}, max_rounds=3, impossible_max_rounds=2)
