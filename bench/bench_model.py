@@ -179,7 +179,8 @@ def goal_cell(name: str, key: str, ratios: dict) -> str:
     value = ratios[key]
     if name != "full":
         return f"{value:.3f}"
-    verdict = "met" if value <= GOALS[key] else f"missed by {100 * (value / GOALS[key] - 1):.1f} %"
+    verdict = ("below 1, noise: not a result" if key in GUARDS and value < 1 else
+               "met" if value <= GOALS[key] else f"missed by {100 * (value / GOALS[key] - 1):.1f} %")
     return f"{value:.3f} (goal <= {GOALS[key]:.2f}: {verdict})"
 
 

@@ -1,15 +1,15 @@
-"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 30 minutes on 2 idle cores).
+"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about an hour on 2 idle cores).
 
     python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer]
                             [--gpu_json gpu_bench.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~16,
-of which batch 8 ~12), profile of the extra time and per-block times (profile_model.py --per_block, ~2), speed
+Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~25-35:
+batch 1 ~5-8, batch 8 ~20-25, its 600 s timing cap plus a fresh process per mode for memory), profile of the extra time and per-block times (profile_model.py --per_block, ~2), speed
 features (bench_speed.py, ~7, most of it inductor compiling), scaling (bench_scaling.py, ~7: ratios within 2 % of 1
 run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
 (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, ~1-2), trainer overhead
-(bench_trainer.py, ~3). Two halves of ~16 and ~25 minutes: `--only model` and
+(bench_trainer.py, ~3). Two halves of ~30 and ~30 minutes (measured 2026-12-04): `--only model` and
 `--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
 and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
 rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with

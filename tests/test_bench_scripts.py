@@ -20,6 +20,9 @@ def test_goal_verdicts_state_by_how_much_a_goal_is_missed():
     assert bench_model.goal_cell("full", "train", {"train": 1.10}) == "1.100 (goal <= 1.05: missed by 4.8 %)"
     assert bench_model.goal_cell("tiny", "train", {"train": 1.5}) == "1.500"  # goals are for the full model
     assert bench_model.goal_cell("full", "memory", {}) == "–"
+    # a guarded ratio below 1 (IVPT faster than its own backbone) is never shown as a goal met
+    assert bench_model.goal_cell("full", "inference", {"inference": 0.908}) == (
+        "0.908 (goal <= 1.03: below 1, noise: not a result)")
 
 
 def test_evaluation_passes_are_grouped_by_equal_inputs():
