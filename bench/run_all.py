@@ -4,9 +4,10 @@
                             [--gpu_json gpu_bench.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py, ~25-35:
-batch 1 ~5-8, batch 8 ~20-25, its 600 s timing cap plus a fresh process per mode for memory), profile of the extra time and per-block times (profile_model.py --per_block, ~2), speed
-features (bench_speed.py, ~7, most of it inductor compiling), scaling (bench_scaling.py, ~7: ratios within 2 % of 1
+Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py,
+~25-35: batch 1 ~5-8, batch 8 ~20-25, its 600 s timing cap plus a fresh process per mode for memory), profile of
+the extra time and per-block times (profile_model.py --per_block, ~2), speed features (bench_speed.py, ~7, most of
+it inductor compiling), scaling (bench_scaling.py, ~7: ratios within 2 % of 1
 run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
 (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, ~1-2), trainer overhead
 (bench_trainer.py, ~3). Two halves of ~30 and ~30 minutes (measured 2026-12-04): `--only model` and
