@@ -178,7 +178,8 @@ def evaluate(out: Path, checkpoint: Path, weights: Path, data_root: Path) -> dic
     settings = EvaluationSettings(batch_size=16, normalise_parts_input=True)
     published_input = dataclasses.replace(settings, normalise_parts_input=False)
     stamp = stamp_of(checkpoint=(checkpoint / "model.safetensors").stat().st_mtime_ns, data=str(data_root),
-                     settings=settings, variants=2, thresholds=THRESHOLDS)
+                     settings=settings, variants=2, thresholds=THRESHOLDS,
+                     probes=COLOUR_PROBE)
     results_file = folder / "metrics.json"
     if cached(folder, stamp) and results_file.exists():
         return json.loads(results_file.read_text())
@@ -215,11 +216,15 @@ def acceptance(metrics: dict, unnormalised_parts: dict) -> dict:
             "unnormalised_input": {"nmi": unnormalised_parts["nmi"], "ari": unnormalised_parts["ari"]}}
 
 
+COLOUR_PROBE = "raw patch pixels, no backbone"
+
+
 def backbone_probe(weights: Path, config, data_root: Path, cache_dir: Path) -> dict:
     """k-means part probe of the frozen backbone (`ivpt.pretrain.kmeans_part_probe`) at the interpreted stage's
-    block and at the output, with as many clusters as the interpreted stage has prototypes."""
+    block and at the output, with as many clusters as the interpreted stage has prototypes, and the same probe on
+    the raw patch pixels (`colour_part_probe`, key `COLOUR_PROBE`): the colour baseline the backbone must beat."""
     from .data import load_cub
-    from .pretrain import kmeans_part_probe, load_backbone_file
+    from .pretrain import colour_part_probe, kmeans_part_probe, load_backbone_file
 
     backbone = load_backbone_file(config.backbone, weights, config.image_size, **config.backbone_kwargs)
     test = load_cub(data_root, "full", cache_dir=str(cache_dir))["test"]
@@ -227,8 +232,11 @@ def backbone_probe(weights: Path, config, data_root: Path, cache_dir: Path) -> d
     stage = config.interpretation_stage_index % stages
     block = depth - (stages - 1) + stage  # blocks before the interpreted stage
     clusters = config.n_pro[stage]
-    return {f"after {b} blocks": kmeans_part_probe(backbone, test, config.image_size, clusters, b)
-            for b in sorted({block, depth})} | {"num_clusters": clusters}
+    probes = {f"after {b} blocks": kmeans_part_probe(backbone, test, config.image_size, clusters, b)
+              for b in sorted({block, depth})}
+    patch_size = backbone.patch_embed.patch_size[0]
+    return probes | {COLOUR_PROBE: colour_part_probe(test, config.image_size, patch_size, clusters),
+                     "num_clusters": clusters}
 
 
 def write_figures(model, examples: list[dict], folder: Path, data_root: Path) -> None:
@@ -265,7 +273,9 @@ def write_report(folder: Path, results: dict) -> None:
         f"with unnormalised input (published protocol): "
         f"NMI {gate['unnormalised_input']['nmi']:.1f}, ARI {gate['unnormalised_input']['ari']:.1f}",
         *(f"- backbone k-means probe ({probe['num_clusters']} clusters) {where}: NMI {p['nmi']:.1f}, ARI {p['ari']:.1f}"
-          for where, p in probe.items() if where != "num_clusters"),
+          for where, p in probe.items() if where not in ("num_clusters", COLOUR_PROBE)),
+        f"- the same k-means on the {COLOUR_PROBE} (the colour baseline): NMI {probe[COLOUR_PROBE]['nmi']:.1f}, "
+        f"ARI {probe[COLOUR_PROBE]['ari']:.1f}",
         "",
         f"Demo acceptance thresholds ({'all met' if gate['all_met'] else 'NOT all met'}):",
         "",

@@ -20,7 +20,8 @@ Two objectives, summed:
     that holds across images, which is what the IVPT prototypes need.
 
 `kmeans_part_probe` measures that information in seconds: k-means on the frozen patch features, NMI / ARI of the
-keypoints' clusters against the keypoint names.
+keypoints' clusters against the keypoint names; `colour_part_probe` runs the same k-means on the raw patch pixels, the
+baseline a backbone must beat to give IVPT more than colour.
 """
 
 from __future__ import annotations
@@ -276,6 +277,33 @@ def backbone_patch_features(backbone: torch.nn.Module, pixel_values: torch.Tenso
     return backbone.norm(tokens)[:, backbone.num_prefix_tokens:]
 
 
+def probe_batches(split, image_size: int, normalise: bool = True, batch_size: int = 32):
+    """The images of `split` (a CUB-layout `datasets` split with keypoints and boxes) as the parts metric reads them
+    (`parts_eval_preprocess`, then ImageNet normalisation if `normalise`): `(pixels (B, 3, S, S), keypoints (B, P, 4))`
+    batches."""
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    for start in range(0, len(split), batch_size):
+        rows = split[start:start + batch_size]
+        items = [parts_eval_preprocess(image, points, box, image_size)
+                 for image, points, box in zip(rows["image"], rows["keypoints"], rows["bbox"])]
+        pixels = torch.stack([item["pixel_values"] for item in items])
+        yield (pixels - mean) / std if normalise else pixels, torch.stack([item["keypoints"] for item in items])
+
+
+def kmeans_keypoint_scores(features: torch.Tensor, keypoints: torch.Tensor, image_size: int, num_clusters: int,
+                           seed: int = 0) -> dict:
+    """k-means (`num_clusters`) on `(B, N, C)` patch vectors (a square grid of N patches per image); every visible
+    keypoint (`(B, P, 4)` rows `part_id, x, y, visible`) takes its patch's cluster, scored by NMI / ARI (%) against the
+    keypoint names, as the parts metric scores IVPT's maps."""
+    grid = int(features.shape[1] ** 0.5)
+    clusters = KMeans(num_clusters, n_init=3, random_state=seed).fit_predict(features.flatten(0, 1).numpy())
+    maps = F.one_hot(torch.as_tensor(clusters, dtype=torch.long), num_clusters).view(len(features), grid, grid, -1)
+    predicted, ground_truth = keypoint_part_assignments(
+        maps.permute(0, 3, 1, 2).float(), keypoints[..., 1:].double(), image_size
+    )
+    return nmi_ari(predicted, ground_truth) | {"num_keypoints": len(predicted)}
+
+
 @torch.no_grad()
 def kmeans_part_probe(
     backbone: torch.nn.Module, split, image_size: int, num_clusters: int = 9, block: int | None = None,
@@ -288,24 +316,22 @@ def kmeans_part_probe(
     cluster of its patch, then NMI / ARI (%) against the keypoint names, as the parts metric does with IVPT's maps.
     """
     block = len(backbone.blocks) if block is None else block
-    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
-    features, keypoints = [], []
-    for start in range(0, len(split), batch_size):
-        rows = split[start:start + batch_size]
-        items = [parts_eval_preprocess(image, points, box, image_size)
-                 for image, points, box in zip(rows["image"], rows["keypoints"], rows["bbox"])]
-        pixels = torch.stack([item["pixel_values"] for item in items])
-        if normalise:
-            pixels = (pixels - mean) / std
-        features.append(F.normalize(backbone_patch_features(backbone.eval(), pixels, block), dim=-1))
-        keypoints.append(torch.stack([item["keypoints"] for item in items]))
-    features, keypoints = torch.cat(features), torch.cat(keypoints)  # (B, N, D), (B, P, 4)
-    grid = int(features.shape[1] ** 0.5)
-    clusters = KMeans(num_clusters, n_init=3, random_state=seed).fit_predict(features.flatten(0, 1).numpy())
-    labels = torch.as_tensor(clusters, dtype=torch.long)
-    maps = F.one_hot(labels, num_clusters).view(len(features), grid, grid, num_clusters)
-    predicted, ground_truth = keypoint_part_assignments(
-        maps.permute(0, 3, 1, 2).float(), keypoints[..., 1:].double(), image_size
-    )
-    return nmi_ari(predicted, ground_truth) | {"num_keypoints": len(predicted), "block": block}
+    features, keypoints = zip(*((F.normalize(backbone_patch_features(backbone.eval(), pixels, block), dim=-1), points)
+                                for pixels, points in probe_batches(split, image_size, normalise, batch_size)))
+    return kmeans_keypoint_scores(torch.cat(features), torch.cat(keypoints), image_size, num_clusters, seed) | {
+        "block": block}
 
+
+def colour_part_probe(split, image_size: int, patch_size: int, num_clusters: int = 9, batch_size: int = 32,
+                      seed: int = 0) -> dict:
+    """The baseline of `kmeans_part_probe` without any backbone: the same k-means and scores on each patch's raw
+    (ImageNet-normalised) pixels, `patch_size` x `patch_size` x 3 numbers. A backbone that does not beat it gives IVPT
+    no part information beyond colour."""
+    features, keypoints = zip(*((patch_pixels(pixels, patch_size), points)
+                                for pixels, points in probe_batches(split, image_size, True, batch_size)))
+    return kmeans_keypoint_scores(torch.cat(features), torch.cat(keypoints), image_size, num_clusters, seed)
+
+
+def patch_pixels(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """`(B, 3, S, S)` images -> `(B, N, 3 * patch_size**2)` flattened non-overlapping patches, row-major like a ViT's."""
+    return F.unfold(pixels, patch_size, stride=patch_size).transpose(1, 2)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from ivpt.demo import COLOUR_PROBE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -76,7 +78,10 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
         assert check["met"] == (check["value"] >= check["threshold"]), key
     assert results["acceptance"]["all_met"] == all(check["met"] for check in checks.values())
     assert set(results["acceptance"]["unnormalised_input"]) == {"nmi", "ari"}
-    assert results["backbone_probe"]["num_clusters"] == 6 and len(results["backbone_probe"]) == 3  # blocks 2 and 4
+    probe = results["backbone_probe"]
+    assert probe["num_clusters"] == 6 and set(probe) == {"after 2 blocks", "after 4 blocks", COLOUR_PROBE,
+                                                         "num_clusters"}
+    assert probe[COLOUR_PROBE]["num_keypoints"] == probe["after 4 blocks"]["num_keypoints"] > 0
     for name in ("trained", "before IVPT training"):
         assert {"accuracy", "consistency", "stability", "nmi", "ari", "kpr", "foreground_iou"} <= set(
             results[name]["metrics"]), name
@@ -84,6 +89,8 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
     assert (tmp_path / "out" / "ivpt" / "model.safetensors").exists()
     text = (report / "report.md").read_text()
     assert "acceptance thresholds" in text and "unnormalised input" in first.stdout
+    colour = probe[COLOUR_PROBE]
+    assert f"k-means on the {COLOUR_PROBE} (the colour baseline): NMI {colour['nmi']:.1f}, ARI {colour['ari']:.1f}" in text
     # both parts-metric input variants, each named (the main table: normalised; the published protocol: not)
     assert "| parts-metric input | ImageNet-normalised | ImageNet-normalised | – |" in text
     assert "| parts-metric input | unnormalised | unnormalised |" in text

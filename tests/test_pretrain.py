@@ -14,8 +14,9 @@ from ivpt.data import load_cub
 import pytest
 from safetensors import safe_open
 
-from ivpt.pretrain import (TwoViews, corresponding_points, dense_clustering_loss, dense_contrastive_loss,
-                           kmeans_part_probe, load_backbone_file, pretrain_backbone, sinkhorn_codes)
+from ivpt.pretrain import (TwoViews, colour_part_probe, corresponding_points, dense_clustering_loss,
+                           dense_contrastive_loss, kmeans_keypoint_scores, kmeans_part_probe, load_backbone_file,
+                           patch_pixels, pretrain_backbone, sinkhorn_codes)
 
 
 def test_corresponding_points_follow_crops_and_flips():
@@ -142,3 +143,28 @@ def test_pretrain_backbone_tiny_run_and_part_probe(synthetic_root, tmp_path):  #
     probe = kmeans_part_probe(model, test, image_size=32, num_clusters=3, block=1)
     assert probe["block"] == 1 and probe["num_keypoints"] > 12 * 8
     assert 0 <= probe["nmi"] <= 100 and -100 <= probe["ari"] <= 100
+    colour = colour_part_probe(test, image_size=32, patch_size=8, num_clusters=3)
+    assert colour["num_keypoints"] == probe["num_keypoints"] and 0 <= colour["nmi"] <= 100
+
+
+def test_patch_pixels_are_the_vit_patches_in_row_major_order():
+    pixels = torch.randn(2, 3, 16, 24)
+    patches = patch_pixels(pixels, 8)  # (2, 2 * 3, 3 * 64)
+    assert patches.shape == (2, 6, 192)
+    for n in range(6):
+        row, column = divmod(n, 3)
+        assert torch.equal(patches[1, n], pixels[1, :, 8 * row:8 * row + 8, 8 * column:8 * column + 8].flatten())
+
+
+def test_kmeans_keypoint_scores_perfect_and_uninformative_clusters():
+    # 3 images, a 2 x 2 grid of 8-pixel patches; keypoint k sits at the centre of patch k in every image
+    centres = torch.tensor([[4.0, 4.0], [12.0, 4.0], [4.0, 12.0], [12.0, 12.0]])
+    keypoints = torch.cat([torch.arange(4.0)[:, None], centres, torch.ones(4, 1)], dim=1).expand(3, 4, 4)
+    features = torch.eye(4).expand(3, 4, 4) + 0.01 * torch.randn(3, 4, 4)  # patch n: one-hot of n
+    perfect = kmeans_keypoint_scores(features, keypoints, image_size=16, num_clusters=4)
+    assert perfect["num_keypoints"] == 12 and perfect["nmi"] == pytest.approx(100) and perfect["ari"] == pytest.approx(100)
+    one_cluster = kmeans_keypoint_scores(features, keypoints, image_size=16, num_clusters=1)
+    assert one_cluster["nmi"] == pytest.approx(0) and one_cluster["ari"] == pytest.approx(0)
+    hidden = keypoints.clone()
+    hidden[0, 0, 3] = 0  # an invisible keypoint is not scored
+    assert kmeans_keypoint_scores(features, hidden, image_size=16, num_clusters=4)["num_keypoints"] == 11
