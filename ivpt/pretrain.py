@@ -335,3 +335,17 @@ def colour_part_probe(split, image_size: int, patch_size: int, num_clusters: int
 def patch_pixels(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
     """`(B, 3, S, S)` images -> `(B, N, 3 * patch_size**2)` flattened non-overlapping patches, row-major like a ViT's."""
     return F.unfold(pixels, patch_size, stride=patch_size).transpose(1, 2)
+
+
+def perfect_labelling_scores(part_maps: torch.Tensor, keypoints: torch.Tensor, image_size: int, grid: int,
+                             num_labels: int) -> dict:
+    """NMI / ARI (%) of the best answer a model with a `grid` x `grid` patch grid can give: every patch labelled with
+    the part that covers most of it, scored as IVPT's maps are (background last). `part_maps` `(B, S, S)`: integer
+    part labels in `[0, num_labels)` at the input size `S = image_size`, 0 = background; `keypoints` `(B, P, 4)` rows
+    `part_id, x, y, visible` in the same pixels. On synthetic birds, whose exact part maps the generator knows, this
+    is what naming the drawn parts exactly scores at that grid."""
+    shares = F.adaptive_avg_pool2d(F.one_hot(part_maps, num_labels).permute(0, 3, 1, 2).float(), grid)  # (B, L, g, g)
+    maps = F.one_hot(shares.argmax(1), num_labels).permute(0, 3, 1, 2).float()
+    maps = torch.cat([maps[:, 1:], maps[:, :1]], dim=1)  # background last, like IVPT's maps
+    predicted, ground_truth = keypoint_part_assignments(maps, keypoints[..., 1:].double(), image_size)
+    return nmi_ari(predicted, ground_truth) | {"num_keypoints": len(predicted), "grid": grid, "num_parts": num_labels - 1}

@@ -14,6 +14,7 @@ from ivpt.data.synthetic import (
     generate_cub,
     main,
     render_bird,
+    rerender_bird,
 )
 
 # Drawn part expected under each keypoint (None: somewhere on the bird; body-region points sit
@@ -58,6 +59,21 @@ def test_boxes_and_masks_are_exact(synthetic_root):
         assert tables["boxes"][image_id] == [float(v) for v in expected]
         image = Image.open(synthetic_root / "images" / relative)
         assert image.mode == "RGB" and image.size == (SMALL["size"], SMALL["size"])
+
+
+def test_rerender_bird_draws_the_written_image_again_with_its_part_map(synthetic_root):
+    tables = parse_text_tables(synthetic_root)
+    for image_id in (1, 7, 24):  # first, a middle class's first image, last
+        bird = rerender_bird(image_id, **SMALL)
+        relative = tables["images"][image_id]
+        mask = np.asarray(Image.open(synthetic_root / "segmentations" / relative.replace(".jpg", ".png")))
+        assert np.array_equal(np.asarray(bird.mask), mask)  # the same pixels, and the part map under them
+        assert set(np.unique(np.asarray(bird.part_map))) <= {0, *PART_MAP_LABELS.values()}
+        assert tables["boxes"][image_id] == [float(v) for v in bird.bbox]
+        written = np.array([row[1:3] for row in tables["keypoints"][image_id]], dtype=float)
+        assert np.allclose(written, np.round(bird.keypoints[:, :2], 1))
+    with pytest.raises(ValueError, match=r"image_id 25 is not in 1 \.\. 24"):
+        rerender_bird(25, **SMALL)
 
 
 @pytest.mark.parametrize("index", range(12))

@@ -71,7 +71,7 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     report = tmp_path / "out" / "report"
     results = json.loads((report / "metrics.json").read_text())
-    assert set(results) == {"trained", "before IVPT training", "chance", "acceptance", "backbone_probe"}
+    assert set(results) == {"trained", "before IVPT training", "chance", "acceptance", "backbone_probe", "part_ceiling"}
     checks = results["acceptance"]["checks"]
     assert set(checks) == {"top1_micro", "consistency", "nmi", "ari"}
     for key, check in checks.items():
@@ -89,6 +89,19 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
     assert (tmp_path / "out" / "ivpt" / "model.safetensors").exists()
     text = (report / "report.md").read_text()
     assert "acceptance thresholds" in text and "unnormalised input" in first.stdout
+    ceiling = results["part_ceiling"]
+    assert ceiling["grid"] == 8 and ceiling["num_parts"] == 7 and ceiling["num_keypoints"] > 0  # 64 px, patch 8
+    assert ceiling["nmi"] > results["trained"]["metrics"]["nmi"]
+    assert (f"the 7 drawn parts labelled perfectly at this 8 x 8 patch grid (each patch takes the part covering most of "
+            f"it): NMI {ceiling['nmi']:.1f}, ARI {ceiling['ari']:.1f}") in text
+    from ivpt import IvptConfig
+    from ivpt.demo import load_recipe, part_ceiling
+
+    demo, _ = load_recipe(tmp_path / "mini.yaml")
+    data_root, config = tmp_path / "out" / "data" / "ivpt_cub" / "CUB_200_2011", IvptConfig.from_pretrained(tmp_path / "out" / "ivpt")
+    with pytest.raises(ValueError, match=r"\.jpg: its keypoints differ from the bird the demo settings draw; the data in "
+                                         r"CUB_200_2011 was generated with other settings"):
+        part_ceiling(data_root, demo | {"seed": demo["seed"] + 1}, config, tmp_path / "out" / "cache")
     colour = probe[COLOUR_PROBE]
     assert f"k-means on the {COLOUR_PROBE} (the colour baseline): NMI {colour['nmi']:.1f}, ARI {colour['ari']:.1f}" in text
     # both parts-metric input variants, each named (the main table: normalised; the published protocol: not)

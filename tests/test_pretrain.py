@@ -16,7 +16,7 @@ from safetensors import safe_open
 
 from ivpt.pretrain import (TwoViews, colour_part_probe, corresponding_points, dense_clustering_loss,
                            dense_contrastive_loss, kmeans_keypoint_scores, kmeans_part_probe, load_backbone_file,
-                           patch_pixels, pretrain_backbone, sinkhorn_codes)
+                           patch_pixels, perfect_labelling_scores, pretrain_backbone, sinkhorn_codes)
 
 
 def test_corresponding_points_follow_crops_and_flips():
@@ -168,3 +168,16 @@ def test_kmeans_keypoint_scores_perfect_and_uninformative_clusters():
     hidden = keypoints.clone()
     hidden[0, 0, 3] = 0  # an invisible keypoint is not scored
     assert kmeans_keypoint_scores(features, hidden, image_size=16, num_clusters=4)["num_keypoints"] == 11
+
+
+def test_perfect_labelling_scores_depend_on_the_grid():
+    # 16 px images: label 1 on the left half, 2 on the right; keypoint 0 on the left, keypoint 1 on the right
+    part_maps = torch.ones(3, 16, 16, dtype=torch.long)
+    part_maps[:, :, 8:] = 2
+    part_maps[:, :2, :2] = 0  # a little background
+    keypoints = torch.tensor([[0.0, 4.0, 6.0, 1.0], [1.0, 12.0, 6.0, 1.0]]).expand(3, 2, 4)
+    fine = perfect_labelling_scores(part_maps, keypoints, image_size=16, grid=2, num_labels=3)
+    assert fine["nmi"] == pytest.approx(100) and fine["ari"] == pytest.approx(100)
+    assert fine["num_keypoints"] == 6 and fine["grid"] == 2 and fine["num_parts"] == 2
+    coarse = perfect_labelling_scores(part_maps, keypoints, image_size=16, grid=1, num_labels=3)  # one patch
+    assert coarse["nmi"] == pytest.approx(0) and coarse["ari"] == pytest.approx(0)

@@ -55,6 +55,7 @@ __all__ = [
     "RenderedBird",
     "class_attributes",
     "render_bird",
+    "rerender_bird",
     "generate_cub",
 ]
 
@@ -397,9 +398,25 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+def _layout_texture(size: int, seed: int) -> Image.Image:
+    return _texture(size, np.random.default_rng([seed, 0x7E57]))
+
+
+def rerender_bird(image_id: int, classes: int, images_per_class: int, size: int, seed: int) -> RenderedBird:
+    """The bird of image `image_id` (1-based, as in images.txt) of the dataset `generate_cub` writes with these
+    arguments, drawn again: the same image, and its per-pixel part map (`PART_MAP_LABELS`), which the dataset does
+    not store (it stores the binary mask only)."""
+    if not 1 <= image_id <= classes * images_per_class:
+        raise ValueError(f"image_id {image_id} is not in 1 .. {classes * images_per_class} (classes x images_per_class)")
+    class_index, index = divmod(image_id - 1, images_per_class)
+    attributes = class_attributes(classes, seed)[class_index]
+    return render_bird(attributes, size, np.random.default_rng([seed, class_index, index]),
+                       _layout_texture(size, seed))
+
+
 def _write_layout(root: Path, classes: int, images_per_class: int, size: int, seed: int, jpeg_quality: int) -> None:
     attributes = class_attributes(classes, seed)
-    texture = _texture(size, np.random.default_rng([seed, 0x7E57]))
+    texture = _layout_texture(size, seed)
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "parts").mkdir(exist_ok=True)
     (root / "segmentations").mkdir(exist_ok=True)
