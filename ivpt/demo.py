@@ -241,11 +241,11 @@ def backbone_probe(weights: Path, config, data_root: Path, cache_dir: Path) -> d
 
 
 def part_ceiling(data_root: Path, demo: dict, config, cache_dir: Path) -> dict:
-    """NMI / ARI of the drawn parts labelled perfectly at the model's patch grid (`ivpt.pretrain.perfect_labelling_scores`)
-    on the demo test split: the generator draws every test bird again with its part map (`rerender_bird`; body, head,
-    beak, eye, wing, tail, leg) and each patch takes the drawn part covering most of it. The reference to read the
-    part bars against: what naming the drawn parts exactly scores at this grid (soft maps or other splits of the bird
-    may score somewhat differently)."""
+    """NMI / ARI of the drawn parts labelled perfectly at the model's patch grid
+    (`ivpt.pretrain.perfect_labelling_scores`) on the demo test split: the generator draws every test bird again with
+    its part map (`rerender_bird`; body, head, beak, eye, wing, tail, leg) and each patch takes the drawn part covering
+    most of it. The reference to read the part bars against: what naming the drawn parts exactly scores at this grid
+    (soft maps or other splits of the bird may score somewhat differently)."""
     import numpy as np
     from PIL import Image
 
@@ -262,9 +262,9 @@ def part_ceiling(data_root: Path, demo: dict, config, cache_dir: Path) -> dict:
             raise ValueError(f"{row['file_name']}: its keypoints differ from the bird the demo settings draw; the data "
                              f"in {data_root.name} was generated with other settings")
         item = parts_eval_preprocess(row["image"], row["keypoints"], row["bbox"], config.image_size)
-        size = item["pixel_values"].shape[-1]
-        part_maps.append(torch.as_tensor(np.array(bird.part_map.resize((size, size), Image.NEAREST)), dtype=torch.long))
         keypoints.append(item["keypoints"])
+        size = (config.image_size, config.image_size)  # the synthetic images are square: no centre crop
+        part_maps.append(torch.as_tensor(np.array(bird.part_map.resize(size, Image.NEAREST)), dtype=torch.long))
     return perfect_labelling_scores(torch.stack(part_maps), torch.stack(keypoints), config.image_size,
                                     config.grid_size, len(PART_MAP_LABELS) + 1)
 
@@ -307,7 +307,8 @@ def write_report(folder: Path, results: dict) -> None:
         f"- the same k-means on the {COLOUR_PROBE} (the colour baseline): NMI {probe[COLOUR_PROBE]['nmi']:.1f}, "
         f"ARI {probe[COLOUR_PROBE]['ari']:.1f}",
         f"- the {ceiling['num_parts']} drawn parts labelled perfectly at this {ceiling['grid']} x {ceiling['grid']} "
-        f"patch grid (each patch takes the part covering most of it): NMI {ceiling['nmi']:.1f}, ARI {ceiling['ari']:.1f}",
+        f"patch grid (each patch takes the part covering most of it): "
+        f"NMI {ceiling['nmi']:.1f}, ARI {ceiling['ari']:.1f}",
         "",
         f"Demo acceptance thresholds ({'all met' if gate['all_met'] else 'NOT all met'}):",
         "",

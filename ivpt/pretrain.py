@@ -297,10 +297,15 @@ def kmeans_keypoint_scores(features: torch.Tensor, keypoints: torch.Tensor, imag
     keypoint names, as the parts metric scores IVPT's maps."""
     grid = int(features.shape[1] ** 0.5)
     clusters = KMeans(num_clusters, n_init=3, random_state=seed).fit_predict(features.flatten(0, 1).numpy())
-    maps = F.one_hot(torch.as_tensor(clusters, dtype=torch.long), num_clusters).view(len(features), grid, grid, -1)
-    predicted, ground_truth = keypoint_part_assignments(
-        maps.permute(0, 3, 1, 2).float(), keypoints[..., 1:].double(), image_size
-    )
+    labels = torch.as_tensor(clusters, dtype=torch.long).view(len(features), grid, grid)
+    return patch_label_scores(labels, num_clusters, keypoints, image_size)
+
+
+def patch_label_scores(labels: torch.Tensor, num_labels: int, keypoints: torch.Tensor, image_size: int) -> dict:
+    """NMI / ARI (%) of one label per patch, `(B, g, g)` in `[0, num_labels)`, scored as IVPT's maps are: the labels
+    become one-hot maps, every visible keypoint (`(B, P, 4)` rows `part_id, x, y, visible`) takes its patch's label."""
+    maps = F.one_hot(labels, num_labels).permute(0, 3, 1, 2).float()
+    predicted, ground_truth = keypoint_part_assignments(maps, keypoints[..., 1:].double(), image_size)
     return nmi_ari(predicted, ground_truth) | {"num_keypoints": len(predicted)}
 
 
@@ -333,19 +338,18 @@ def colour_part_probe(split, image_size: int, patch_size: int, num_clusters: int
 
 
 def patch_pixels(pixels: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """`(B, 3, S, S)` images -> `(B, N, 3 * patch_size**2)` flattened non-overlapping patches, row-major like a ViT's."""
+    """`(B, 3, S, S)` images -> `(B, N, 3 * patch_size**2)` flattened non-overlapping patches, row-major like a
+    ViT's."""
     return F.unfold(pixels, patch_size, stride=patch_size).transpose(1, 2)
 
 
 def perfect_labelling_scores(part_maps: torch.Tensor, keypoints: torch.Tensor, image_size: int, grid: int,
                              num_labels: int) -> dict:
-    """NMI / ARI (%) of the best answer a model with a `grid` x `grid` patch grid can give: every patch labelled with
-    the part that covers most of it, scored as IVPT's maps are (background last). `part_maps` `(B, S, S)`: integer
-    part labels in `[0, num_labels)` at the input size `S = image_size`, 0 = background; `keypoints` `(B, P, 4)` rows
-    `part_id, x, y, visible` in the same pixels. On synthetic birds, whose exact part maps the generator knows, this
-    is what naming the drawn parts exactly scores at that grid."""
+    """NMI / ARI (%) of the parts of `part_maps` labelled perfectly at a `grid` x `grid` patch grid: every patch takes
+    the part that covers most of it, scored by `patch_label_scores` (background last, as in IVPT's maps).
+    `part_maps` `(B, S, S)`: integer part labels in `[0, num_labels)` at the input size `S = image_size`,
+    0 = background; `keypoints` `(B, P, 4)` rows `part_id, x, y, visible` in the same pixels. On synthetic birds, whose
+    exact part maps the generator knows, this is what naming the drawn parts exactly scores at that grid."""
     shares = F.adaptive_avg_pool2d(F.one_hot(part_maps, num_labels).permute(0, 3, 1, 2).float(), grid)  # (B, L, g, g)
-    maps = F.one_hot(shares.argmax(1), num_labels).permute(0, 3, 1, 2).float()
-    maps = torch.cat([maps[:, 1:], maps[:, :1]], dim=1)  # background last, like IVPT's maps
-    predicted, ground_truth = keypoint_part_assignments(maps, keypoints[..., 1:].double(), image_size)
-    return nmi_ari(predicted, ground_truth) | {"num_keypoints": len(predicted), "grid": grid, "num_parts": num_labels - 1}
+    labels = (shares.argmax(1) - 1) % num_labels  # background (0) last
+    return patch_label_scores(labels, num_labels, keypoints, image_size) | {"grid": grid, "num_parts": num_labels - 1}

@@ -398,7 +398,10 @@ def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
     return buffer.getvalue()
 
 
+@functools.lru_cache(maxsize=4)
 def _layout_texture(size: int, seed: int) -> Image.Image:
+    """The background texture of a dataset (`_texture`), cached: `rerender_bird` draws many birds of one dataset.
+    Read-only for its users (`_background` crops it)."""
     return _texture(size, np.random.default_rng([seed, 0x7E57]))
 
 
@@ -407,7 +410,8 @@ def rerender_bird(image_id: int, classes: int, images_per_class: int, size: int,
     arguments, drawn again: the same image, and its per-pixel part map (`PART_MAP_LABELS`), which the dataset does
     not store (it stores the binary mask only)."""
     if not 1 <= image_id <= classes * images_per_class:
-        raise ValueError(f"image_id {image_id} is not in 1 .. {classes * images_per_class} (classes x images_per_class)")
+        raise ValueError(
+            f"image_id {image_id} is not in 1 .. {classes * images_per_class} (classes x images_per_class)")
     class_index, index = divmod(image_id - 1, images_per_class)
     attributes = class_attributes(classes, seed)[class_index]
     return render_bird(attributes, size, np.random.default_rng([seed, class_index, index]),
