@@ -33,26 +33,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import datasets  # noqa: E402
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import timing  # noqa: E402
 from ivpt.data import eval_transform, generate_cub, load_cub, train_transform  # noqa: E402
-from ivpt.data.synthetic import class_attributes, render_bird  # noqa: E402
-
-
-def _cub_sized_images(count: int) -> list[bytes]:
-    """JPEG bytes of 500 × 375 synthetic images (the typical CUB resolution)."""
-    attributes = class_attributes(10, seed=0)
-    out = []
-    for index in range(count):
-        bird = render_bird(attributes[index % 10], 500, np.random.default_rng([1, index]))
-        buffer = io.BytesIO()
-        bird.image.crop((0, 62, 500, 437)).save(buffer, format="JPEG", quality=90)
-        out.append(buffer.getvalue())
-    return out
+from cub_sized_images import cub_sized_jpegs  # noqa: E402
 
 
 def transform_job(transform, jpegs: list[bytes], decode: bool):
@@ -135,7 +122,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpu_count": os.cpu_count(),
                     "torch_threads": torch.get_num_threads(), "torch": torch.__version__},  # fmt: skip
     }
-    jpegs = _cub_sized_images(args.transform_images)
+    jpegs = cub_sized_jpegs(args.transform_images)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = generate_cub(work / "source", classes=args.classes, images_per_class=args.images_per_class, size=224)

@@ -96,7 +96,7 @@ def measure(model, runner, mode, batch, dtype, compiled, device, warmup: int, st
 
 def data_pipeline(image_size: int, count: int) -> dict:
     """JPEG decode + training transform on CUB-sized images: images per CPU-second on one core (1 torch thread)."""
-    from bench_data import _cub_sized_images
+    from cub_sized_images import cub_sized_jpegs
     from PIL import Image
 
     from ivpt.data import train_transform
@@ -104,7 +104,7 @@ def data_pipeline(image_size: int, count: int) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        jpegs = _cub_sized_images(count)
+        jpegs = cub_sized_jpegs(count)
         transform = train_transform(image_size)
         transform(Image.open(io.BytesIO(jpegs[0])).convert("RGB"))  # warm-up
         cpu = time.process_time()

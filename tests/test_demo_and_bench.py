@@ -119,7 +119,13 @@ def test_demo_pipeline_on_a_miniature_recipe(tmp_path):
 
 
 def test_gpu_benchmark_script_cpu_mode(tmp_path):
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable)
+    # The GPU image has torch, timm and transformers but neither datasets nor gradio: shadow them so the script
+    # fails here if it ever imports them.
+    missing = tmp_path / "missing_packages"
+    for name in ("datasets", "gradio"):
+        (missing / name).mkdir(parents=True)
+        (missing / name / "__init__.py").write_text(f"raise ImportError('{name} is not on the GPU image')\n")
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, PYTHONPATH=str(missing))
     result = subprocess.run(
         ["bash", str(REPO / "bench" / "gpu.sh"), "--device", "cpu", "--tiny", "--batch", "2", "--warmup", "1",
          "--steps", "1", "--compile_backend", "eager", "--data_images", "2"],
