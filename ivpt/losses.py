@@ -134,6 +134,16 @@ def unwarp_maps(maps: torch.Tensor, warp: EquivarianceWarp, image_size: int) -> 
     return TF.affine(maps, angle=-warp.angle, translate=[0.0, 0.0], scale=1 / warp.scale, shear=[0.0, 0.0])
 
 
+def unwarp_stage_maps(stage_maps: Sequence[torch.Tensor], warp: EquivarianceWarp, image_size: int) -> list[torch.Tensor]:
+    """`unwarp_maps` of every stage in one call: maps `(B, P_s, H, W)` sharing the grid and the warp are concatenated
+    along the map axis, un-warped once and split again. Same values as one call per stage, with 2 affine calls
+    instead of 2 per stage; on a GPU each torchvision affine makes two blocking host-to-device copies (its matrix and
+    grid scale), so this removes 16 host syncs per training step of the 5-stage model.
+    """
+    sizes = [maps.shape[1] for maps in stage_maps]
+    return list(unwarp_maps(torch.cat(list(stage_maps), dim=1), warp, image_size).split(sizes, dim=1))
+
+
 def ivpt_objective(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_ivpt import IvptConfig
-from .losses import ivpt_objective, sample_equivariance_warp, unwarp_maps, warp_images
+from .losses import ivpt_objective, sample_equivariance_warp, unwarp_stage_maps, warp_images
 
 
 @dataclass
@@ -618,7 +618,7 @@ class IvptForImageClassification(IvptPreTrainedModel):
                 outputs.part_features,
                 outputs.assignment_maps,
                 outputs.projected_maps,
-                [unwarp_maps(maps, warp, config.image_size) for maps in warped_maps],
+                unwarp_stage_maps(warped_maps, warp, config.image_size),
                 self.loss_weights(),
             )
 

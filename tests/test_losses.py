@@ -18,6 +18,7 @@ from ivpt.losses import (
     sample_equivariance_warp,
     total_variation_loss,
     unwarp_maps,
+    unwarp_stage_maps,
     warp_images,
 )
 
@@ -144,6 +145,18 @@ def test_unwarp_inverts_warp_on_maps():
         restored = unwarp_maps(warped, warp, image_size=size)
         inner = (slice(None), 0, slice(16, 48), slice(16, 48))
         assert (restored[inner] - maps[inner]).abs().mean() < 0.05
+
+
+@pytest.mark.parametrize("warp", [EquivarianceWarp(-63.4, (11, -7), 1.27), EquivarianceWarp(8.0, (-2, 5), 0.83)])
+def test_unwarp_stage_maps_equals_one_call_per_stage(warp):
+    """The batched un-warp of the training objective gives exactly the per-stage `unwarp_maps` (random maps)."""
+    generator = torch.Generator().manual_seed(3)
+    stage_maps = [torch.rand(2, parts, 37, 37, generator=generator).softmax(1) for parts in (17, 14, 11, 8, 5)]
+    batched = unwarp_stage_maps(stage_maps, warp, image_size=518)
+    assert [m.shape for m in batched] == [m.shape for m in stage_maps]
+    for maps, restored in zip(stage_maps, batched):
+        expected = unwarp_maps(maps, warp, image_size=518)
+        assert torch.equal(restored, expected) and expected.abs().sum() > 0
 
 
 def test_unwarp_scales_translation_to_map_resolution():
