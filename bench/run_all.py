@@ -1,7 +1,7 @@
 """Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about an hour on 2 idle cores).
 
     python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer]
-                            [--gpu_json gpu_bench.json]
+                            [--gpu_json gpu_bench.json] [--gpu_profile_json profile.json]
                             [--demo_report demo_output/report/report.md]
 
 Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py,
@@ -12,7 +12,8 @@ run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model sectio
 (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, ~1-2), trainer overhead
 (bench_trainer.py, ~3). Two halves of ~30 and ~30 minutes (measured 2026-12-04): `--only model` and
 `--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
-and the GPU figures of bench/gpu.sh (`--gpu_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
+and the GPU figures of bench/gpu.sh (`--gpu_json`) and
+bench/profile_gpu.py (`--gpu_profile_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
 rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with
 its table and the reason when its script got that far, else keeps its previous text; the run goes on and exits
 non-zero at the end.
@@ -83,9 +84,11 @@ class SectionFailed(RuntimeError):
     """A benchmark exited non-zero after writing its results (which say why); `args[0]` is the section text."""
 
 
-def gpu_section(path: Path) -> str:
+def gpu_section(path: Path, title: str, command: str) -> str:
+    """A section of figures measured on a GPU machine (bench/gpu.sh, bench/profile_gpu.py), dated when recorded."""
     result = json.loads(path.read_text())
-    return f"## GPU ({result['device']})\n\nCommand: `bash bench/gpu.sh`\n\n{result['markdown']}\n"
+    return (f"## {title} ({result['device']}, recorded {datetime.date.today().isoformat()})\n\nCommand: `{command}`\n\n"
+            f"{result['markdown']}\n")
 
 
 def split_sections(text: str) -> dict[str, str]:
@@ -99,6 +102,7 @@ def main():
     parser.add_argument("--only", default=",".join(SECTIONS))
     parser.add_argument("--demo_report", default=str(ROOT / "demo_output" / "report" / "report.md"))
     parser.add_argument("--gpu_json", help="gpu_bench.json written by bench/gpu.sh on a GPU machine")
+    parser.add_argument("--gpu_profile_json", help="the json of bench/profile_gpu.py run on a GPU machine")
     args = parser.parse_args()
     target = ROOT / "BENCHMARKS.md"
     sections = split_sections(target.read_text()) if target.exists() else {}
@@ -111,7 +115,10 @@ def main():
         body = demo.read_text().split("\n", 1)[1]
         sections["demo"] = f"## `make demo` quality ({datetime.date.today().isoformat()}; {machine()})\n{body}"
     if args.gpu_json:
-        sections["gpu"] = gpu_section(Path(args.gpu_json))
+        sections["gpu"] = gpu_section(Path(args.gpu_json), "GPU", "bash bench/gpu.sh")
+    if args.gpu_profile_json:
+        sections["gpu_profile"] = gpu_section(Path(args.gpu_profile_json), "GPU training-step profile",
+                                              "python bench/profile_gpu.py --batch 4,16 --steps 3 --json profile.json")
     write(target, sections)
     failed = []
     for name in names:  # BENCHMARKS.md is rewritten after every section, so a failure keeps what was measured
@@ -131,7 +138,7 @@ def main():
 
 
 def write(target: Path, sections: dict[str, str]) -> None:
-    order = ["demo", *SECTIONS, "gpu"]
+    order = ["demo", *SECTIONS, "gpu", "gpu_profile"]
     order += [name for name in sections if name not in order]  # sections of older layouts are kept, at the end
     text = "# Benchmarks\n\nWritten by `python bench/run_all.py` (`make bench`); each section names its command.\n\n"
     bodies = {name: body.rstrip("\n") for name, body in sections.items()}  # one blank line between sections

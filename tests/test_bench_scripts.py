@@ -133,3 +133,31 @@ def test_rewriting_benchmarks_md_keeps_its_sections_byte_for_byte(tmp_path):
     first = target.read_text()
     run_all.write(target, run_all.split_sections(first))
     assert target.read_text() == first and "| a |\n\n<!-- section: speed -->" in first
+
+
+def test_gpu_profile_script_runs_on_the_tiny_model(tmp_path):
+    """bench/profile_gpu.py's CPU check: every mode profiled, the table and the sync report written."""
+    out = tmp_path / "profile.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "profile_gpu.py"), "--device", "cpu", "--tiny", "--batch", "2",
+         "--warmup", "1", "--steps", "1", "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert [row["mode"] for row in report["rows"]] == ["ivpt_train", "bare_train", "ivpt_inference", "bare_inference"]
+    assert all(row["wall_ms"] > 0 and row["top_cpu_ms"] for row in report["rows"])
+    assert report["sync_sites"] == [] and "| ivpt_train | bf16 | 2 |" in report["markdown"]  # no CUDA, no syncs
+
+
+def test_gpu_sections_are_dated_and_ordered_after_the_cpu_sections(tmp_path):
+    import run_all
+
+    result = tmp_path / "gpu.json"
+    result.write_text(json.dumps({"device": "NVIDIA H200", "markdown": "| mode |"}))
+    section = run_all.gpu_section(result, "GPU training-step profile", "python bench/profile_gpu.py")
+    assert section.startswith("## GPU training-step profile (NVIDIA H200, recorded 20") and "| mode |" in section
+    target = tmp_path / "BENCHMARKS.md"
+    run_all.write(target, {"gpu_profile": section, "gpu": "## GPU\n", "model": "## Model\n"})
+    text = target.read_text()
+    assert text.index("section: model") < text.index("section: gpu -->") < text.index("section: gpu_profile")
