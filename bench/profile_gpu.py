@@ -31,6 +31,11 @@ MODES = ("ivpt_train", "bare_train", "ivpt_inference", "bare_inference")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
+def is_copy_or_sync(name: str) -> bool:
+    """A CUDA runtime call that copies between host and device or waits for the device."""
+    return name in SYNC_CALLS or name.startswith("cudaMemcpy")
+
+
 def profile_mode(model, mode: str, batch: int, dtype: str, device, warmup: int, steps: int, top: int) -> dict:
     """Wall and device-busy milliseconds per step, launches and syncs per step, top operators, of `steps` steps."""
     step = make_step(model, model, mode, batch, dtype, device)
@@ -55,7 +60,7 @@ def profile_mode(model, mode: str, batch: int, dtype: str, device, warmup: int, 
         "device_busy_ms": sum(e.device_time_total for e in kernels) / steps / 1000,
         "device_self_ms_all_ops": sum(device_by_op.values()),  # cross-check: kernels counted under their ops too
         "kernel_launches": len(kernels) / steps,
-        "host_syncs": sum(calls[name] for name in SYNC_CALLS) + calls.get("cudaMemcpyAsync", 0),
+        "host_copies_and_syncs": sum(count for name, count in calls.items() if is_copy_or_sync(name)),
         "top_cpu_ms": [[name, round(ms, 2)] for name, ms in cpu_by_op.most_common(top)],
         "top_device_ms": [[name, round(ms, 2)] for name, ms in device_by_op.most_common(top) if ms > 0],
     }
@@ -71,7 +76,7 @@ def sync_sites(model, batch: int, dtype: str, device) -> list[list]:
         synchronize(device)
     sites = Counter()
     for event in profiler.events():
-        if event.name in SYNC_CALLS or event.name.startswith("cudaMemcpy"):
+        if is_copy_or_sync(event.name):
             node = event  # runtime calls carry no Python stack: take the nearest enclosing operator's
             while node is not None and not node.stack:
                 node = node.cpu_parent
@@ -82,11 +87,13 @@ def sync_sites(model, batch: int, dtype: str, device) -> list[list]:
 
 
 def markdown(rows: list[dict], header: str) -> str:
-    lines = [header, "", "| mode | dtype | batch | wall per step (ms) | device busy (ms) | busy / wall | kernel launches "
+    lines = [header, "", "| mode | dtype | batch | wall per step (ms) | device busy (ms) | busy / wall "
+             "| kernel launches "
              "| syncs + memcpys |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['mode']} | {r['dtype']} | {r['batch']} | {r['wall_ms']:.1f} | {r['device_busy_ms']:.1f} "
-                     f"| {r['device_busy_ms'] / r['wall_ms']:.2f} | {r['kernel_launches']:.0f} | {r['host_syncs']:.0f} |")
+                     f"| {r['device_busy_ms'] / r['wall_ms']:.2f} | {r['kernel_launches']:.0f} "
+                     f"| {r['host_copies_and_syncs']:.0f} |")
     for r in rows:
         if r["mode"] == "ivpt_train":
             lines += ["", f"IVPT training step, {r['dtype']}, batch {r['batch']}: most self device time (ms/step): "
@@ -121,7 +128,8 @@ def main():
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     text = markdown(rows, f"Profile on {name}, torch {torch.__version__}, {'tiny' if args.tiny else 'paper'} model, "
                           f"{args.steps} profiled steps after {args.warmup} warm-up steps.")
-    text += "\n\nHost-device copies and syncs of one IVPT training step, by operator and (where the profiler records a Python stack) project line: " + (
+    text += ("\n\nHost-device copies and syncs of one IVPT training step, by operator and (where the profiler "
+             "records a Python stack) project line: ") + (
         ", ".join(f"{site} ({count})" for site, count in sites) or "none")
     out = Path(args.json)
     temporary = out.with_suffix(".json.tmp")
