@@ -1,12 +1,14 @@
 """Where the time of IVPT goes beyond its backbone: torch.profiler on the four modes of bench_model.py.
 
-    python bench/profile_model.py [--config full|tiny] [--batch 1] [--top 12] [--per_block] [--json OUT]
+    python bench/profile_model.py [--config full|tiny] [--batch 1] [--comparisons inference,train] [--top 12]
+                                  [--per_block] [--json OUT]
 
 For IVPT inference vs the bare forward, and the IVPT training step vs bare forward+backward + bare forward: per
 operator, the self CPU time of IVPT minus that of the bare modes (one profiled repetition each, after a warm-up),
 largest differences first. The difference is what the prototype machinery (and the second, warped pass) adds; the
 profiler's own overhead applies to both sides alike. A table of times, not a timing benchmark: read it with the
-model section's ratios.
+model section's ratios. `--comparisons inference` profiles (and warms up) only the two inference modes, e.g. at
+batch 8, where each training-step mode takes about a minute.
 
 `--per_block`: the wall time of every backbone block (forward hooks, perf_counter) in the bare forward and in IVPT
 inference, over interleaved rounds of bench/timing.py (repetitions disturbed by other processes left out; min per
@@ -37,6 +39,18 @@ def self_cpu_by_op(function) -> tuple[Counter, float]:
     for event in profiler.key_averages():
         times[event.key] += event.self_cpu_time_total
     return times, sum(times.values())
+
+
+COMPARED_MODES = {"inference": ("ivpt_inference", "bare_forward"),
+                  "train": ("ivpt_train_step", "bare_forward_backward", "bare_forward")}
+
+
+def compared_profiles(profiles: dict, comparison: str) -> tuple[tuple[Counter, float], tuple[Counter, float]]:
+    """(IVPT, bare) profiles of a comparison; the bare side of the training step is forward+backward plus forward,
+    summed per operator."""
+    ivpt_mode, *bare_modes = COMPARED_MODES[comparison]
+    bare = sum((profiles[mode][0] for mode in bare_modes), Counter())
+    return profiles[ivpt_mode], (bare, sum(bare.values()))
 
 
 def difference_table(ivpt: Counter, bare: Counter, top: int) -> list[dict]:
@@ -106,22 +120,26 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="full", choices=sorted(CONFIGS))
     parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--comparisons", default="inference,train", choices=["inference,train", "inference", "train"],
+                        help="which IVPT/bare comparisons to profile")
     parser.add_argument("--top", type=int, default=12)
     parser.add_argument("--per_block", action="store_true", help="also time every block (interleaved rounds)")
     parser.add_argument("--per_block_rounds", type=int, default=6)
     parser.add_argument("--json")
     args = parser.parse_args()
+    comparisons = args.comparisons.split(",")
+    if args.per_block and "inference" not in comparisons:
+        parser.error("--per_block times the inference modes: include inference in --comparisons")
     model, modes = build(CONFIGS[args.config], args.batch)
+    modes = {name: function for name, function in modes.items()
+             if any(name in COMPARED_MODES[comparison] for comparison in comparisons)}
     for function in modes.values():
         function()  # warm-up
     profiles = {name: self_cpu_by_op(function) for name, function in modes.items()}
-    bare_train = profiles["bare_forward_backward"][0] + profiles["bare_forward"][0]
-    comparisons = {
-        "inference": (profiles["ivpt_inference"], (profiles["bare_forward"][0], profiles["bare_forward"][1])),
-        "train step": (profiles["ivpt_train_step"], (bare_train, sum(bare_train.values()))),
-    }
     lines, result = [], {}
-    for label, ((ivpt, ivpt_total), (bare, bare_total)) in comparisons.items():
+    for comparison in comparisons:
+        label = {"inference": "inference", "train": "train step"}[comparison]
+        (ivpt, ivpt_total), (bare, bare_total) = compared_profiles(profiles, comparison)
         rows = difference_table(ivpt, bare, args.top)
         result[label] = {"ivpt_total_ms": ivpt_total / 1e3, "bare_total_ms": bare_total / 1e3, "rows": rows}
         lines += [f"{label}: IVPT {ivpt_total / 1e3:.0f} ms vs bare {bare_total / 1e3:.0f} ms of self CPU time under "

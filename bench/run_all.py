@@ -1,12 +1,14 @@
 """Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about an hour on 2 idle cores).
 
-    python bench/run_all.py [--only model,profile,speed,scaling,eval_passes,eval,data,trainer]
+    python bench/run_all.py [--only model,profile,profile_batch8,speed,scaling,eval_passes,eval,data,trainer]
                             [--gpu_json gpu_bench.json] [--gpu_profile_json profile.json]
                             [--demo_report demo_output/report/report.md]
 
 Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py,
-~25-35: batch 1 ~5-8, batch 8 ~20-25, its 600 s timing cap plus a fresh process per mode for memory), profile of
-the extra time and per-block times (profile_model.py --per_block, ~2), speed features (bench_speed.py, ~7, most of
+~35-45: batch 1 ~5-8, batch 8 ~30-35, a 1200 s timing cap per row (about 7 rounds at batch 8, whose repetitions
+swing by +-15 %) plus a fresh process per mode for memory), profile of
+the extra time and per-block times (profile_model.py --per_block, ~2), the same for inference at batch 8, where the
+inference goal is hardest to measure (~6), speed features (bench_speed.py, ~7, most of
 it inductor compiling), scaling (bench_scaling.py, ~7: ratios within 2 % of 1
 run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
 (bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, ~1-2), trainer overhead
@@ -36,10 +38,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "model": ("Model cost vs the bare backbone, and the goals (CPU, 2 threads, fp32)",
-              ["bench/bench_model.py", "--config", "full"]),
+              ["bench/bench_model.py", "--config", "full", "--max_seconds", "1200"]),
     "speed": ("Speed features: torch.compile, bf16, gradient checkpointing, batching (CPU)", ["bench/bench_speed.py"]),
     "profile": ("Where IVPT's time goes beyond its backbone (torch.profiler, CPU)",
                 ["bench/profile_model.py", "--per_block"]),
+    "profile_batch8": ("Where IVPT's inference time goes at batch 8 (torch.profiler, CPU)",
+                       ["bench/profile_model.py", "--batch", "8", "--comparisons", "inference", "--per_block",
+                        "--per_block_rounds", "4"]),
     "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py", "--image_sizes", "392"]),
     "eval_passes": ("Evaluation cost in backbone passes", ["bench/bench_eval_passes.py"]),
     "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py", "--classes", "2"]),
@@ -48,16 +53,31 @@ SECTIONS = {
 }
 
 
+def cpu_description(cpuinfo: str, capability: str) -> str:
+    """The CPU's model name, x86 family/model (two virtual machines both called "AMD EPYC" can be Zen 3 and Zen 4) and
+    the vector instruction set torch uses (`AVX2`, `AVX512`, ...), plus `bf16` when the CPU has AVX-512 BF16 or AMX:
+    bf16 autocast is several times faster than fp32 with those and several times slower without."""
+    fields = {}
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    flags = set(fields.get("flags", "").split())
+    family = f"family {fields['cpu family']} model {fields['model']}, " if "cpu family" in fields else ""
+    bf16 = ", bf16" if flags & {"avx512_bf16", "amx_bf16"} else ""
+    return f"{name} ({family}{capability}{bf16})"
+
+
 def machine() -> str:
     import timm
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    cpu = cpu_description(cpuinfo, torch.backends.cpu.get_cpu_capability())
     return (f"{cpu}, {os.cpu_count()} cores; Python {platform.python_version()}, torch {torch.__version__}, "
             f"timm {timm.__version__}, transformers {transformers.__version__}")
 

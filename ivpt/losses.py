@@ -134,14 +134,34 @@ def unwarp_maps(maps: torch.Tensor, warp: EquivarianceWarp, image_size: int) -> 
     return TF.affine(maps, angle=-warp.angle, translate=[0.0, 0.0], scale=1 / warp.scale, shear=[0.0, 0.0])
 
 
-def unwarp_stage_maps(stage_maps: Sequence[torch.Tensor], warp: EquivarianceWarp, image_size: int) -> list[torch.Tensor]:
-    """`unwarp_maps` of every stage in one call: maps `(B, P_s, H, W)` sharing the grid and the warp are concatenated
-    along the map axis, un-warped once and split again. Same values as one call per stage, with 2 affine calls
-    instead of 2 per stage; on a GPU each torchvision affine makes two blocking host-to-device copies (its matrix and
-    grid scale), so this removes 16 host syncs per training step of the 5-stage model.
+@torch.compiler.disable  # host-side preparation from Python floats: nothing for a compiled graph to capture
+def unwarp_source_index(warp: EquivarianceWarp, height: int, width: int, image_size: int) -> torch.Tensor:
+    """`(height · width,)` int64, on the CPU: for each cell of an un-warped `height` × `width` map, the flat index of
+    the warped map's cell that `unwarp_maps` copies into it, or `height · width` where it writes the zero fill.
+
+    Both affine calls of `unwarp_maps` interpolate nearest, so they only move cells: applied to a float32 image of
+    cell numbers 1..n (exact in float32, and the float32 grid of float32 maps), they give each output cell the number
+    of its source, 0 for the fill.
+    """
+    cells = height * width
+    numbers = torch.arange(1, cells + 1, dtype=torch.float32).view(1, 1, height, width)
+    source = unwarp_maps(numbers, warp, image_size).flatten().long() - 1  # -1: the fill
+    return torch.where(source < 0, cells, source)
+
+
+def unwarp_stage_maps(stage_maps: Sequence[torch.Tensor], source_index: torch.Tensor) -> list[torch.Tensor]:
+    """`unwarp_maps` of every stage's float32 maps `(B, P_s, H, W)`, as one gather on their concatenation with the
+    `unwarp_source_index` of the warp (on the maps' device).
+
+    The same values as one `unwarp_maps` call per stage, and gradients equal up to float summation order
+    (docs/method.md#equivalent-forms), without its
+    device work and host syncs: on a GPU each torchvision affine call makes two blocking host-to-device copies (its
+    matrix and grid scale), and in the middle of the training step the host then waits for the whole first pass.
     """
     sizes = [maps.shape[1] for maps in stage_maps]
-    return list(unwarp_maps(torch.cat(list(stage_maps), dim=1), warp, image_size).split(sizes, dim=1))
+    maps = torch.cat(list(stage_maps), dim=1)  # (B, ΣP_s, H, W)
+    padded = F.pad(maps.flatten(2), (0, 1))  # (B, ΣP_s, H·W + 1): the last cell is the zero fill
+    return list(padded.index_select(2, source_index).view_as(maps).split(sizes, dim=1))
 
 
 def ivpt_objective(
@@ -157,7 +177,7 @@ def ivpt_objective(
 
     Per-stage terms (presence, equivariance, total variation, enforced presence, entropy) are averaged over all
     stages; consistency over the intermediate stages against the detached final projected map.
-    `restored_maps` are the stage maps of the warped image, un-warped (see `unwarp_maps`).
+    `restored_maps` are the stage maps of the warped image, un-warped (see `unwarp_maps`, `unwarp_stage_maps`).
     `weights` maps each name of `LOSS_TERMS` to its weight.
     """
 

@@ -19,7 +19,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_ivpt import IvptConfig
-from .losses import ivpt_objective, sample_equivariance_warp, unwarp_stage_maps, warp_images
+from .losses import ivpt_objective, sample_equivariance_warp, unwarp_source_index, unwarp_stage_maps, warp_images
 
 
 @dataclass
@@ -177,6 +177,15 @@ def check_labels(labels: torch.Tensor, batch_size: int, num_labels: int) -> None
     if bool(((labels < 0) | (labels >= num_labels)).any()):
         bad = sorted({int(label) for label in labels[(labels < 0) | (labels >= num_labels)].tolist()})
         raise ValueError(f"`labels`: expected class indices in [0, num_labels) = [0, {num_labels}), got {bad}")
+
+
+@torch.compiler.disable  # a host-side transfer (pinning is not traceable)
+def send_without_waiting(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device` without a host sync: copied from pinned memory on CUDA, where a copy from pageable
+    memory blocks the host until the queued device work has run."""
+    if device.type == "cuda":
+        tensor = tensor.pin_memory()
+    return tensor.to(device, non_blocking=True)
 
 
 def full_precision(device: torch.device):
@@ -576,9 +585,9 @@ class IvptForImageClassification(IvptPreTrainedModel):
         if labels is not None and isinstance(pixel_values, torch.Tensor) and pixel_values.ndim == 4:
             # Checked before the pixels (in `self.ivpt`): both host syncs then wait for the same queued work.
             check_labels(labels, pixel_values.shape[0], self.config.num_labels)
-        noise = warp = warped_maps = None
+        noise = unwarp_index = warped_maps = None
         if labels is not None and self.training:
-            noise, warp, warped_maps = self._warped_pass(pixel_values, sample_routing_noise)
+            noise, unwarp_index, warped_maps = self._warped_pass(pixel_values, sample_routing_noise)
         outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise, routing_noise=noise,
                             return_dict=True)
         part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
@@ -586,7 +595,7 @@ class IvptForImageClassification(IvptPreTrainedModel):
         loss = loss_terms = None
         if labels is not None:
             if self.training:
-                loss, loss_terms = self._training_objective(labels, logits, outputs, warp, warped_maps)
+                loss, loss_terms = self._training_objective(labels, logits, outputs, unwarp_index, warped_maps)
             else:
                 loss = F.cross_entropy(logits.float(), labels)
                 loss_terms = {"classification": loss}
@@ -598,7 +607,8 @@ class IvptForImageClassification(IvptPreTrainedModel):
         """The equivariance pass of the training objective, run BEFORE the first pass: its transient buffers then
         never sit on top of the first pass's activations kept for backward (the training step's peak memory). The
         random draws keep the order of running it second: the first pass's routing noise (returned, for it), the
-        warp, the warped pass's noise. Returns that noise, the warp and the warped pass's stage maps."""
+        warp, the warped pass's noise. Returns that noise, the warp's un-warp index on the device (sent now, without
+        waiting) and the warped pass's stage maps."""
         config, ivpt = self.config, self.ivpt
         ivpt.check_pixel_values(pixel_values)  # before any work (checked again, cheaply, by the first pass)
         noise = ivpt._routing_noise(pixel_values.shape[0], pixel_values.device,
@@ -607,10 +617,12 @@ class IvptForImageClassification(IvptPreTrainedModel):
             config.image_size, config.equivariance_max_rotation, config.equivariance_max_translation,
             config.equivariance_scale_range,
         )
-        return noise, warp, ivpt.assignment_maps_only(warp_images(pixel_values, warp), sample_routing_noise)
+        source_index = send_without_waiting(
+            unwarp_source_index(warp, ivpt.grid_size, ivpt.grid_size, config.image_size), pixel_values.device
+        )
+        return noise, source_index, ivpt.assignment_maps_only(warp_images(pixel_values, warp), sample_routing_noise)
 
-    def _training_objective(self, labels, logits, outputs, warp, warped_maps):
-        config = self.config
+    def _training_objective(self, labels, logits, outputs, unwarp_index, warped_maps):
         with full_precision(logits.device):
             return ivpt_objective(
                 logits.float(),
@@ -618,7 +630,7 @@ class IvptForImageClassification(IvptPreTrainedModel):
                 outputs.part_features,
                 outputs.assignment_maps,
                 outputs.projected_maps,
-                unwarp_stage_maps(warped_maps, warp, config.image_size),
+                unwarp_stage_maps(warped_maps, unwarp_index),
                 self.loss_weights(),
             )
 

@@ -150,6 +150,34 @@ def test_gpu_profile_script_runs_on_the_tiny_model(tmp_path):
     assert report["sync_sites"] == [] and "| ivpt_train | bf16 | 2 |" in report["markdown"]  # no CUDA, no syncs
 
 
+def test_cpu_profile_of_inference_only_runs_on_the_tiny_model(tmp_path):
+    """bench/profile_model.py --comparisons inference (its batch-8 section): the inference table and the per-block
+    times, no training-step table; --per_block without inference is refused before any work."""
+    out = tmp_path / "profile.json"
+    command = [sys.executable, str(REPO / "bench" / "profile_model.py"), "--config", "tiny", "--batch", "2",
+               "--comparisons", "inference", "--per_block", "--per_block_rounds", "1", "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) == {"inference", "per_block"} and report["results"]["inference"]["rows"]
+    assert "(tiny, batch 2)" in report["markdown"] and "train step" not in report["markdown"]
+    assert len(report["results"]["per_block"]["ivpt_inference"]["blocks_s"]) == 4
+    refused = subprocess.run(command[:6] + ["--comparisons", "train", "--per_block"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2 and "include inference in --comparisons" in refused.stderr
+
+
+def test_machine_line_tells_cpu_generations_apart():
+    """Two VMs both called "AMD EPYC": Zen 3 without AVX-512 and Zen 4 with AVX-512 BF16 (bf16 fast path)."""
+    import run_all
+
+    zen3 = "processor\t: 0\nmodel name\t: AMD EPYC\ncpu family\t: 25\nmodel\t\t: 1\nflags\t\t: fma avx avx2\n\n" * 2
+    zen4 = zen3.replace("model\t\t: 1", "model\t\t: 17").replace("avx2", "avx2 avx512f avx512_bf16")
+    assert run_all.cpu_description(zen3, "AVX2") == "AMD EPYC (family 25 model 1, AVX2)"
+    assert run_all.cpu_description(zen4, "AVX512") == "AMD EPYC (family 25 model 17, AVX512, bf16)"
+    assert run_all.cpu_description("", "DEFAULT").endswith("(DEFAULT)")
+
+
 def test_gpu_sections_are_dated_and_ordered_after_the_cpu_sections(tmp_path):
     import run_all
 

@@ -18,6 +18,7 @@ from ivpt.losses import (
     sample_equivariance_warp,
     total_variation_loss,
     unwarp_maps,
+    unwarp_source_index,
     unwarp_stage_maps,
     warp_images,
 )
@@ -147,16 +148,43 @@ def test_unwarp_inverts_warp_on_maps():
         assert (restored[inner] - maps[inner]).abs().mean() < 0.05
 
 
-@pytest.mark.parametrize("warp", [EquivarianceWarp(-63.4, (11, -7), 1.27), EquivarianceWarp(8.0, (-2, 5), 0.83)])
-def test_unwarp_stage_maps_equals_one_call_per_stage(warp):
-    """The batched un-warp of the training objective gives exactly the per-stage `unwarp_maps` (random maps)."""
+@pytest.mark.parametrize("warp", [
+    EquivarianceWarp(-63.4, (11, -7), 1.27), EquivarianceWarp(8.0, (-2, 5), 0.83),
+    EquivarianceWarp(90.0, (7, -21), 1.0),  # shifts of exactly half a cell (7 px = 0.5 cell at 518 px / 37 cells)
+    *(sample_equivariance_warp(518, generator=torch.Generator().manual_seed(seed)) for seed in range(5)),
+])
+def test_unwarp_stage_maps_equals_one_unwarp_maps_call_per_stage(warp):
+    """The training objective's un-warp (one gather with `unwarp_source_index` on the concatenated stages) gives
+    exactly the values of torchvision's affine calls in `unwarp_maps`, stage by stage, and the same gradients up to
+    the order in which a cell that several cells read sums them."""
     generator = torch.Generator().manual_seed(3)
-    stage_maps = [torch.rand(2, parts, 37, 37, generator=generator).softmax(1) for parts in (17, 14, 11, 8, 5)]
-    batched = unwarp_stage_maps(stage_maps, warp, image_size=518)
-    assert [m.shape for m in batched] == [m.shape for m in stage_maps]
-    for maps, restored in zip(stage_maps, batched):
-        expected = unwarp_maps(maps, warp, image_size=518)
-        assert torch.equal(restored, expected) and expected.abs().sum() > 0
+    stage_maps = [torch.rand(2, parts, 37, 37, generator=generator).softmax(1).requires_grad_()
+                  for parts in (17, 14, 11, 8, 5)]
+    gathered = unwarp_stage_maps(stage_maps, unwarp_source_index(warp, 37, 37, image_size=518))
+    expected = [unwarp_maps(maps, warp, image_size=518) for maps in stage_maps]
+    assert [m.shape for m in gathered] == [m.shape for m in stage_maps]
+    for restored, reference in zip(gathered, expected):
+        assert torch.equal(restored, reference) and reference.abs().sum() > 0
+    upstream = [torch.randn(m.shape, generator=generator) for m in stage_maps]
+    gathered_grads = torch.autograd.grad(gather_sum(gathered, upstream), stage_maps)
+    expected_grads = torch.autograd.grad(gather_sum(expected, upstream), stage_maps)
+    for got, want in zip(gathered_grads, expected_grads):  # a cell read several times sums in another order
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert want.abs().sum() > 0
+
+
+def gather_sum(maps, weights):
+    return sum((m * w).sum() for m, w in zip(maps, weights))
+
+
+def test_unwarp_source_index_names_sources_and_fill():
+    """A non-square grid: every entry is a cell of the warped map or the fill index n = H·W; a pure translation by
+    whole cells moves the index by whole cells and fills what enters from outside."""
+    index = unwarp_source_index(EquivarianceWarp(30.0, (5, -3), 1.1), 12, 20, image_size=80)
+    assert index.shape == (240,) and index.dtype == torch.int64 and index.min() >= 0 and index.max() == 240
+    shift = unwarp_source_index(EquivarianceWarp(0.0, (8, 0), 1.0), 4, 4, image_size=16).view(4, 4)
+    assert shift[:, :2].tolist() == [[2, 3], [6, 7], [10, 11], [14, 15]]  # reads 2 cells to the right
+    assert (shift[:, 2:] == 16).all()  # beyond the right border: the fill
 
 
 def test_unwarp_scales_translation_to_map_resolution():

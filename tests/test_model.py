@@ -257,8 +257,9 @@ def test_final_patch_features_shared_by_last_stage_and_pooling(model, config):
 def test_warped_pass_first_equals_the_objective_run_in_pass_order(model, config):
     """The training step runs the equivariance (warped) pass before the first pass, for memory; with the random
     draws kept in pass order (first pass's routing noise, warp, warped pass's noise) loss and gradients equal the
-    step that runs the first pass first. Gumbel routing noise on (training mode)."""
-    from ivpt.losses import sample_equivariance_warp, warp_images
+    step that runs the first pass first and un-warps each stage with torchvision's affine calls (`unwarp_maps`).
+    Gumbel routing noise on (training mode)."""
+    from ivpt.losses import ivpt_objective, sample_equivariance_warp, unwarp_maps, warp_images
 
     model.train()
     x, labels = images(), torch.tensor([0, 1, 2])
@@ -272,7 +273,9 @@ def test_warped_pass_first_equals_the_objective_run_in_pass_order(model, config)
                                     config.equivariance_max_translation, config.equivariance_scale_range)
     warped = model.ivpt.assignment_maps_only(warp_images(x, warp))
     logits = model.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2).mean(-1)
-    loss, terms = model._training_objective(labels, logits, outputs, warp, warped)
+    restored = [unwarp_maps(maps, warp, config.image_size) for maps in warped]  # the literal per-stage un-warp
+    loss, terms = ivpt_objective(logits, labels, outputs.part_features, outputs.assignment_maps,
+                                 outputs.projected_maps, restored, model.loss_weights())
     in_order = torch.autograd.grad(loss, trainable, allow_unused=True)
     torch.testing.assert_close(step.loss, loss, rtol=0, atol=0)
     for name in terms:
