@@ -179,9 +179,11 @@ def goal_cell(name: str, key: str, ratios: dict) -> str:
     value = ratios[key]
     if name != "full":
         return f"{value:.3f}"
+    miss = 100 * (value / GOALS[key] - 1)
     verdict = ("below 1, noise: not a result" if key in GUARDS and value < 1 else
-               "met" if value <= GOALS[key] else f"missed by {100 * (value / GOALS[key] - 1):.1f} %")
-    return f"{value:.3f} (goal <= {GOALS[key]:.2f}: {verdict})"
+               "met" if value <= GOALS[key] else f"missed by {miss:.2f} %" if miss < 0.1 else f"missed by {miss:.1f} %")
+    digits = 4 if abs(value - GOALS[key]) < 0.0005 else 3  # 1.0304 missed, 1.0296 met: both would print as 1.030
+    return f"{value:.{digits}f} (goal <= {GOALS[key]:.2f}: {verdict})"
 
 
 def markdown(results: list[dict]) -> str:

@@ -12,6 +12,7 @@ means the kernels themselves are the cost.
 """
 
 import argparse
+import datetime
 import json
 import sys
 import time
@@ -133,9 +134,8 @@ def main():
         ", ".join(f"{site} ({count})" for site, count in sites) or "none")
     out = Path(args.json)
     temporary = out.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps({"device": name, "torch": torch.__version__, "rows": rows, "sync_sites": sites,
-                                    "markdown": text},
-                                    indent=2))
+    temporary.write_text(json.dumps({"device": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                                     "rows": rows, "sync_sites": sites, "markdown": text}, indent=2))
     temporary.replace(out)
     print(text)
 

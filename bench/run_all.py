@@ -4,16 +4,15 @@
                             [--gpu_json gpu_bench.json] [--gpu_profile_json profile.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections (estimated minutes on an idle 2-core machine): model cost and goals at batch 1 and 8 (bench_model.py,
-~35-45: batch 1 ~5-8, batch 8 ~30-35, a 1200 s timing cap per row (about 7 rounds at batch 8, whose repetitions
-swing by +-15 %) plus a fresh process per mode for memory), profile of
-the extra time and per-block times (profile_model.py --per_block, ~2), the same for inference at batch 8, where the
-inference goal is hardest to measure (~6), speed features (bench_speed.py, ~7, most of
-it inductor compiling), scaling (bench_scaling.py, ~7: ratios within 2 % of 1
-run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
-(bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, ~2), data (bench_data.py, ~1-2), trainer overhead
-(bench_trainer.py, ~3). Two halves of ~30 and ~30 minutes (measured 2026-12-04): `--only model` and
-`--only profile,speed,scaling,eval_passes,eval,data,trainer`. Also the demo's report (when `make demo` has run)
+Sections, with the minutes each took in one run of all (2026-12-04, 2 idle cores of an AVX2 EPYC; 63 min in all):
+model cost and goals at batch 1 and 8 (bench_model.py, 30: a 1200 s timing cap per row, about 7 rounds at batch 8,
+whose repetitions swing by +-15 %, plus a fresh process per mode for memory), speed features (bench_speed.py, 11:
+inductor compiling, and bf16 on a CPU without native bf16 runs 60 s training steps), profile of the extra time and
+per-block times (profile_model.py --per_block, 1), the same for inference at batch 8, where the inference goal is
+hardest to measure (5), scaling (bench_scaling.py, 10: ratios within 2 % of 1 run all 10 rounds; 224 px is the
+n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes (bench_eval_passes.py, <1),
+evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead (bench_trainer.py, 2). Two
+halves of ~30 minutes: `--only model` and the rest. Also the demo's report (when `make demo` has run)
 and the GPU figures of bench/gpu.sh (`--gpu_json`) and
 bench/profile_gpu.py (`--gpu_profile_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
 rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with
@@ -105,9 +104,11 @@ class SectionFailed(RuntimeError):
 
 
 def gpu_section(path: Path, title: str, command: str) -> str:
-    """A section of figures measured on a GPU machine (bench/gpu.sh, bench/profile_gpu.py), dated when recorded."""
+    """A section of figures measured on a GPU machine (bench/gpu.sh, bench/profile_gpu.py), dated when measured (the
+    json's `date`; today for a json written before the scripts recorded it)."""
     result = json.loads(path.read_text())
-    return (f"## {title} ({result['device']}, recorded {datetime.date.today().isoformat()})\n\nCommand: `{command}`\n\n"
+    date = result.get("date") or datetime.date.today().isoformat()
+    return (f"## {title} ({result['device']}, recorded {date})\n\nCommand: `{command}`\n\n"
             f"{result['markdown']}\n")
 
 

@@ -194,13 +194,15 @@ def full_precision(device: torch.device):
 
 
 def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, position_bias: torch.Tensor) -> torch.Tensor:
-    """Negative squared distances plus positional bias (docs/method.md#prototype-assignment-maps steps 2–3, expanded form of docs/method.md#equivalent-forms).
+    """Negative squared distances plus positional bias, up to a per-patch constant (docs/method.md#prototype-assignment-maps
+    steps 2–3, expanded form of docs/method.md#equivalent-forms): 2·z·q − ‖q‖² + bias, without −‖z‖².
 
+    The softmax over prototypes cancels a term that is the same for every prototype of a patch, so the maps are the
+    same; leaving it out saves a pass over the `(B, N, D)` features per stage and the cancellation of ‖z‖² ≈ D.
     features `(B, N, D)`, prototypes `(P, D)`, position_bias `(P, N)` -> `(B, P, N)`.
     """
     dots = features @ prototypes.T  # (B, N, P): one (B·N, D) x (D, P) matmul
-    logits = 2 * dots - prototypes.pow(2).sum(-1) - features.pow(2).sum(-1, keepdim=True)
-    return logits.transpose(1, 2) + position_bias
+    return (2 * dots - prototypes.pow(2).sum(-1)).transpose(1, 2) + position_bias
 
 
 def hard_pool(maps: torch.Tensor, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -590,8 +592,10 @@ class IvptForImageClassification(IvptPreTrainedModel):
             noise, unwarp_index, warped_maps = self._warped_pass(pixel_values, sample_routing_noise)
         outputs = self.ivpt(pixel_values, sample_routing_noise=sample_routing_noise, routing_noise=noise,
                             return_dict=True)
-        part_logits = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2)).transpose(1, 2)  # (B, C, K)
-        logits = part_logits.mean(-1)
+        with full_precision(pixel_values.device):  # float32 scores under autocast: near ties keep their order
+            part_scores = self.classifier(outputs.part_features[:, :, :-1].transpose(1, 2))  # (B, K, C)
+            part_logits = part_scores.transpose(1, 2)  # (B, C, K)
+            logits = part_logits.mean(-1)
         loss = loss_terms = None
         if labels is not None:
             if self.training:

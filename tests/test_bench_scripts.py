@@ -2,6 +2,7 @@
 one quick run of bench_speed.py on the tiny model. The timing method itself: test_bench_timing.py."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,10 @@ def test_goal_verdicts_state_by_how_much_a_goal_is_missed():
     assert bench_model.goal_cell("full", "train", {"train": 1.10}) == "1.100 (goal <= 1.05: missed by 4.8 %)"
     assert bench_model.goal_cell("tiny", "train", {"train": 1.5}) == "1.500"  # goals are for the full model
     assert bench_model.goal_cell("full", "memory", {}) == "–"
+    # at the goal's edge the ratio gets a 4th digit and the miss a 2nd decimal: not "1.030 ... missed by 0.0 %"
+    edge = bench_model.goal_cell("full", "inference", {"inference": 1.0304})
+    assert edge == "1.0304 (goal <= 1.03: missed by 0.04 %)"
+    assert bench_model.goal_cell("full", "inference", {"inference": 1.0296}) == "1.0296 (goal <= 1.03: met)"
     # a guarded ratio below 1 (IVPT faster than its own backbone) is never shown as a goal met
     assert bench_model.goal_cell("full", "inference", {"inference": 0.908}) == (
         "0.908 (goal <= 1.03: below 1, noise: not a result)")
@@ -145,6 +150,7 @@ def test_gpu_profile_script_runs_on_the_tiny_model(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
+    assert report["date"][:2] == "20" and len(report["date"]) == 10
     assert [row["mode"] for row in report["rows"]] == ["ivpt_train", "bare_train", "ivpt_inference", "bare_inference"]
     assert all(row["wall_ms"] > 0 and row["top_cpu_ms"] for row in report["rows"])
     assert report["sync_sites"] == [] and "| ivpt_train | bf16 | 2 |" in report["markdown"]  # no CUDA, no syncs
@@ -161,7 +167,16 @@ def test_cpu_profile_of_inference_only_runs_on_the_tiny_model(tmp_path):
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"inference", "per_block"} and report["results"]["inference"]["rows"]
     assert "(tiny, batch 2)" in report["markdown"] and "train step" not in report["markdown"]
-    assert len(report["results"]["per_block"]["ivpt_inference"]["blocks_s"]) == 4
+    per_block = report["results"]["per_block"]
+    assert len(per_block["ivpt_inference"]["blocks_s"]) == 4
+    for mode in ("bare_forward", "ivpt_inference"):  # the patch embedding, final norm (and stages) take time
+        entry = per_block[mode]  # under the parallel test suite the one repetition may be flagged: no statistic
+        assert 0 < entry["outside_s"] < entry["total_s"] if entry["clean"] else math.isnan(entry["outside_s"])
+    import profile_model
+
+    # per repetition, then the min: min(1.0 - 0.7, 1.2 - 1.0) = 0.2, not 1.0 - (0.3 + 0.4) from the mins of each
+    assert profile_model.outside_blocks_seconds([{0: 0.3, 1: 0.4}, {0: 0.6, 1: 0.4}], [1.0, 1.2]) == pytest.approx(0.2)
+    assert math.isnan(profile_model.outside_blocks_seconds([], []))
     refused = subprocess.run(command[:6] + ["--comparisons", "train", "--per_block"], cwd=REPO, capture_output=True,
                              text=True, timeout=120)
     assert refused.returncode == 2 and "include inference in --comparisons" in refused.stderr
@@ -185,6 +200,8 @@ def test_gpu_sections_are_dated_and_ordered_after_the_cpu_sections(tmp_path):
     result.write_text(json.dumps({"device": "NVIDIA H200", "markdown": "| mode |"}))
     section = run_all.gpu_section(result, "GPU training-step profile", "python bench/profile_gpu.py")
     assert section.startswith("## GPU training-step profile (NVIDIA H200, recorded 20") and "| mode |" in section
+    result.write_text(json.dumps({"device": "NVIDIA H200", "date": "2026-01-31", "markdown": "| mode |"}))
+    assert "(NVIDIA H200, recorded 2026-01-31)" in run_all.gpu_section(result, "GPU", "bash bench/gpu.sh")
     target = tmp_path / "BENCHMARKS.md"
     run_all.write(target, {"gpu_profile": section, "gpu": "## GPU\n", "model": "## Model\n"})
     text = target.read_text()

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,6 +134,7 @@ def test_gpu_benchmark_script_cpu_mode(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     info = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert re.fullmatch(r"\d{4}-\d{2}-\d{2}", info["date"])  # the section is dated when measured, not when written
     assert {(r["mode"], r["dtype"], r["compiled"]) for r in info["rows"]} == {
         ("ivpt_train", "fp32", False), ("ivpt_train", "bf16", False), ("ivpt_train", "bf16", True),
         ("ivpt_inference", "fp32", False), ("ivpt_inference", "bf16", False), ("ivpt_inference", "bf16", True),

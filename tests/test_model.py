@@ -322,19 +322,37 @@ def literal_hard_pool(maps, features_grid):
     return feats / safe[..., None], counts
 
 
-def test_prototype_logits_match_literal():
+def test_prototype_logits_match_literal_up_to_a_per_patch_constant():
+    """The fast logits leave out −‖z‖², the same for every prototype of a patch: they differ from the literal negative
+    squared distances by exactly that, and their softmax over prototypes (the maps) and its gradients are equal."""
     g = torch.Generator().manual_seed(0)
     z = torch.randn(2, 16, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     q = torch.randn(7, 16, dtype=torch.float64, generator=g, requires_grad=True)
     bias = torch.randn(7, 5, 6, dtype=torch.float64, generator=g, requires_grad=True)
     fast = prototype_logits(z.flatten(2).transpose(1, 2), q, bias.flatten(1)).unflatten(-1, (5, 6))
     slow = literal_logits(z, q, bias)
-    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast - slow, z.pow(2).sum(1, keepdim=True).expand_as(fast), rtol=1e-12, atol=1e-12)
+    fast_maps, slow_maps = fast.softmax(1), slow.softmax(1)
+    torch.testing.assert_close(fast_maps, slow_maps, rtol=1e-12, atol=1e-12)
     weights = torch.randn_like(fast)
-    grads_fast = torch.autograd.grad((fast * weights).sum(), (z, q, bias))
-    grads_slow = torch.autograd.grad((slow * weights).sum(), (z, q, bias))
+    grads_fast = torch.autograd.grad((fast_maps * weights).sum(), (z, q, bias))
+    grads_slow = torch.autograd.grad((slow_maps * weights).sum(), (z, q, bias))
     for a, b in zip(grads_fast, grads_slow):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_float32_maps_are_closer_to_float64_without_the_feature_norm():
+    """LayerNorm'd tokens have ‖z‖² ≈ D: in float32 the literal form loses the prototypes' differences to that
+    cancellation, the fast form does not."""
+    g = torch.Generator().manual_seed(2)
+    z = torch.nn.functional.layer_norm(torch.randn(2, 64, 768, dtype=torch.float64, generator=g), (768,))
+    q = 0.05 * torch.randn(9, 768, dtype=torch.float64, generator=g)
+    bias = torch.zeros(9, 64, dtype=torch.float64)
+    exact = prototype_logits(z, q, bias).softmax(1)
+    fast = prototype_logits(z.float(), q.float(), bias.float()).softmax(1)
+    literal = (prototype_logits(z.float(), q.float(), bias.float()) - z.float().pow(2).sum(-1)[:, None]).softmax(1)
+    fast_error, literal_error = (fast - exact).abs().max(), (literal - exact).abs().max()
+    assert fast_error < 1e-6 < literal_error and fast_error < literal_error / 10
 
 
 def test_hard_pool_matches_literal_with_empty_prototypes():

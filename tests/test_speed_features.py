@@ -88,6 +88,7 @@ def test_bf16_autocast_keeps_maps_in_float32_and_logits_close():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = model(images)
     assert all(maps.dtype == torch.float32 for maps in low.assignment_maps)  # distances/softmax/pooling stay fp32
+    assert low.logits.dtype == low.part_logits.dtype == torch.float32  # the classifier too: near ties keep their order
     scale = reference.logits.abs().max()
     assert (low.logits.float() - reference.logits).abs().max() < 0.05 * scale
     torch.testing.assert_close(low.interpretation_maps, reference.interpretation_maps, atol=0.05, rtol=0)
