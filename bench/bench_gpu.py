@@ -158,7 +158,8 @@ def main():
     model = IvptForImageClassification(config).to(device)
     compiled = torch.compile(model, backend=args.compile_backend)
     info = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "config": "tiny test config" if args.tiny else
+            "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+            "config": "tiny test config" if args.tiny else
             "paper recipe model (ViT-B/14 reg4, 518 px, n_pro 17,14,11,8,5, 200 classes)",
             "image_size": config.image_size, "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "compile_backend": args.compile_backend, "rows": []}

@@ -154,9 +154,9 @@ def unwarp_stage_maps(stage_maps: Sequence[torch.Tensor], source_index: torch.Te
     `unwarp_source_index` of the warp (on the maps' device).
 
     The same values as one `unwarp_maps` call per stage, and gradients equal up to float summation order
-    (docs/method.md#equivalent-forms), without its
-    device work and host syncs: on a GPU each torchvision affine call makes two blocking host-to-device copies (its
-    matrix and grid scale), and in the middle of the training step the host then waits for the whole first pass.
+    (docs/method.md#equivalent-forms), without its device work and host syncs: on a GPU each torchvision affine call
+    makes two blocking host-to-device copies (its matrix and grid scale), and in the middle of the training step the
+    host then waits for the whole first pass.
     """
     sizes = [maps.shape[1] for maps in stage_maps]
     maps = torch.cat(list(stage_maps), dim=1)  # (B, ΣP_s, H, W)
