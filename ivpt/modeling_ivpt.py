@@ -201,7 +201,9 @@ def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor, position_
     same; leaving it out saves a pass over the `(B, N, D)` features per stage and the cancellation of ‖z‖² ≈ D.
     features `(B, N, D)`, prototypes `(P, D)`, position_bias `(P, N)` -> `(B, P, N)`.
     """
-    dots = features @ prototypes.T  # (B, N, P): one (B·N, D) x (D, P) matmul
+    # (B, N, P). bmm reads `features`, a strided view of the LayerNorm'd tokens, where it is; matmul would fold B·N
+    # and, as the prototypes require grad, copy the view to do so (and keep the copy for the backward).
+    dots = torch.bmm(features, prototypes.T.expand(features.shape[0], -1, -1))
     return (2 * dots - prototypes.pow(2).sum(-1)).transpose(1, 2) + position_bias
 
 
@@ -439,9 +441,29 @@ class IvptModel(IvptPreTrainedModel):
             return self._gradient_checkpointing_func(block.__call__, tokens)
         return block(tokens)
 
-    def _patch_features(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Final-LayerNorm'd patch tokens in float32, `(B, N, D)`."""
-        return self.backbone.norm(tokens)[:, self.backbone.num_prefix_tokens :].float()
+    def _patch_features(self, tokens: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """Final-LayerNorm'd patch tokens in float32, `(B, N, D)`, from `tokens` `(B, T, D)` whose first `num_tokens`
+        (T0) rows are the class, register and patch tokens; the rows after them (a block's prompt outputs) are
+        dropped. The LayerNorm runs on all T rows: on the T0 rows alone it would first copy them out of the block's
+        output (a strided slice), and on CPU every (B, T, D) copy at batch 8 is a fresh mapping of ~34 MB, page
+        faults included. The result is a strided view; the matmuls that read it do not copy it."""
+        return self.backbone.norm(tokens)[:, self.backbone.num_prefix_tokens : num_tokens].float()
+
+    def _norm_saves_its_input(self) -> bool:
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.backbone.norm.parameters())
+
+    def _with_prompts(self, tokens: torch.Tensor, prompts: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The next prompted block's input `(B, T0 + K, D)`: the first T0 rows of `tokens`, then `prompts` `(B, K, D)`.
+
+        After a prompted block, `tokens` already has K rows after the T0 (its prompt outputs, dropped): the new
+        prompts are written over them in place instead of concatenating a new (B, T0 + K, D) tensor (the same values
+        and gradients; the block's residual sum does not save its output). Not when a trainable final LayerNorm has
+        saved these tokens for its backward (`freeze_backbone=False`): autograd forbids changing them then.
+        """
+        if tokens.shape[1] == num_tokens or self._norm_saves_its_input():
+            return torch.cat([tokens[:, :num_tokens], prompts], dim=1)
+        tokens[:, num_tokens:] = prompts
+        return tokens
 
     def _routing_noise(self, batch_size: int, device: torch.device, sample_noise: bool) -> list[torch.Tensor | None]:
         """Per intermediate stage, in stage order, the Exp(1) draws of its Gumbel routing noise (`None`s without)."""
@@ -464,20 +486,20 @@ class IvptModel(IvptPreTrainedModel):
 
         stage_features, raw_maps, routing_weights, projected_maps = [], [], [], []
         for stage, block, noise in zip(self.stages[:-1], backbone.blocks[first_prompted:], routing_noise):
-            features = self._patch_features(tokens.detach())
+            features = self._patch_features(tokens.detach(), num_tokens)
             maps = stage(features)  # (B, P, N)
             with full_precision(tokens.device):
                 region_features, counts = hard_pool(maps.detach(), features)
                 routing = stage.route(region_features[:, :-1], counts[:, :-1], noise)
                 prompts = stage.prompts(region_features[:, :-1], routing.detach())
                 projected_maps.append(project_maps(maps, routing))
-            tokens = self._run_block(block, torch.cat([tokens, prompts.to(tokens.dtype)], dim=1))[:, :num_tokens]
+            # tokens: (B, T0 + K, D) from here on, the last K rows the block's prompt outputs
+            tokens = self._run_block(block, self._with_prompts(tokens, prompts.to(tokens.dtype), num_tokens))
             stage_features.append(features)
             raw_maps.append(maps)
             routing_weights.append(routing)
 
-        # (B, N, D), contiguous: the last stage's matmul then saves this tensor itself, not a reshaped copy
-        final_features = self._patch_features(tokens).contiguous()
+        final_features = self._patch_features(tokens, num_tokens)
         features = final_features.detach()
         stage_features.append(features)
         raw_maps.append(self.stages[-1](features))

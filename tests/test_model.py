@@ -254,6 +254,65 @@ def test_final_patch_features_shared_by_last_stage_and_pooling(model, config):
     assert len(final_copies) == 1
 
 
+def _prompted_block_inputs(model, x, **forward_kwargs):
+    """Runs `model(x, **forward_kwargs)`; returns it, each prompted block's input and output storage."""
+    blocks = model.ivpt.backbone.blocks[-model.config.num_prompted_blocks:]
+    inputs, outputs = [], []
+    handles = [h for block in blocks for h in (
+        block.register_forward_pre_hook(lambda module, args: inputs.append(args[0].untyped_storage().data_ptr())),
+        block.register_forward_hook(lambda module, args, out: outputs.append(out.untyped_storage().data_ptr())))]
+    try:
+        return model(x, **forward_kwargs), inputs, outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_prompts_written_in_place_equal_concatenated_prompts(config, monkeypatch, training):
+    """From the second prompted block on, the prompts are written over the previous block's prompt outputs instead
+    of concatenated to a new tensor: that block's input is the previous one's output, and the outputs, the loss and
+    every gradient equal those of the concatenating form bit for bit."""
+    from ivpt.modeling_ivpt import IvptModel
+
+    torch.manual_seed(0)
+    model = IvptForImageClassification(config).train(training)
+    labels = torch.tensor([0, 1, 2])
+    runs = []
+    for in_place in (True, False):
+        if not in_place:
+            monkeypatch.setattr(IvptModel, "_norm_saves_its_input", lambda self: True)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out, inputs, outputs = _prompted_block_inputs(model, images(), labels=labels)
+        assert (inputs[-1] == outputs[-2]) is in_place  # last pass: block 2's input is block 1's output
+        out.loss.backward()
+        runs.append((out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (fast, fast_grads), (cat, cat_grads) = runs
+    for name in ("loss", "logits", "part_features"):
+        torch.testing.assert_close(fast[name], cat[name], rtol=0, atol=0, msg=name)
+    for a, b in zip(fast.assignment_maps + fast.projected_maps, cat.assignment_maps + cat.projected_maps):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert fast_grads.keys() == cat_grads.keys() and len(fast_grads) > 10
+    for name in fast_grads:
+        torch.testing.assert_close(fast_grads[name], cat_grads[name], rtol=0, atol=0, msg=name)
+
+
+def test_trainable_final_norm_concatenates_prompts_and_trains():
+    """With `freeze_backbone=False` the final LayerNorm saves the tokens it normalises for its backward, so they
+    must not change afterwards: the prompts are concatenated, and the training step's backward runs (in eval mode
+    the norm saves nothing and the prompts are written in place)."""
+    torch.manual_seed(0)
+    model = IvptForImageClassification(tiny_config(freeze_backbone=False)).train()
+    out, inputs, outputs = _prompted_block_inputs(model, images(), labels=torch.tensor([0, 1, 2]))
+    assert inputs[-1] != outputs[-2]  # in the last pass (the warped pass, without autograd, runs first)
+    out.loss.backward()
+    assert model.ivpt.backbone.norm.weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        _, inputs, outputs = _prompted_block_inputs(model.eval(), images())
+    assert inputs[-1] == outputs[-2]
+
+
 def test_warped_pass_first_equals_the_objective_run_in_pass_order(model, config):
     """The training step runs the equivariance (warped) pass before the first pass, for memory; with the random
     draws kept in pass order (first pass's routing noise, warp, warped pass's noise) loss and gradients equal the
