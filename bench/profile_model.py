@@ -15,6 +15,9 @@ inference, over interleaved rounds of bench/timing.py (repetitions disturbed by 
 block over the clean ones), and the time outside the blocks (IVPT: patch embedding, the prototype stages, pooling,
 heads). The prompted blocks run the patch tokens plus the K prompt tokens; this table shows whether they cost more
 than their share of extra tokens.
+
+An IVPT total below the bare one (profiled self CPU time, or the per-block run's total wall time) fails the run with
+bench/timing.py's explanation, after the tables are written: IVPT runs that whole backbone, so such a total is noise.
 """
 
 import argparse
@@ -126,6 +129,24 @@ def per_block_markdown(times: dict, bare: str, ivpt: str) -> list[str]:
     return lines + [""]
 
 
+def sanity_failures(result: dict) -> list[str]:
+    """bench/timing.py's sanity rule on every IVPT / bare total of `result` (profiled self CPU time, per-block wall
+    time): IVPT runs its whole backbone, so a total below the backbone's is noise and fails the run."""
+    totals = [(f"{label}: profiled self CPU time, IVPT / bare", entry["ivpt_total_ms"] / entry["bare_total_ms"])
+              for label, entry in result.items() if label != "per_block"]
+    if "per_block" in result:
+        times = result["per_block"]
+        totals.append(("per-block timing: total wall time (min), IVPT / bare",
+                       times["ivpt_inference"]["total_s"] / times["bare_forward"]["total_s"]))
+    failures = []
+    for label, ratio in totals:
+        try:
+            timing.require_not_faster(label, ratio)
+        except timing.ImpossibleRatioError as error:
+            failures.append(str(error))
+    return failures
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="full", choices=sorted(CONFIGS))
@@ -161,10 +182,14 @@ def main():
         inference_modes = {name: modes[name] for name in ("bare_forward", "ivpt_inference")}
         result["per_block"] = per_block_times(model, inference_modes, args.per_block_rounds)
         lines += per_block_markdown(result["per_block"], "bare_forward", "ivpt_inference")
+    failures = sanity_failures(result)
+    lines += [f"**Run failed (sanity rule):** {failure}" for failure in failures]
     markdown = "\n".join(lines)
     print(markdown)
     if args.json:
         Path(args.json).write_text(json.dumps({"results": result, "markdown": markdown}, indent=2))
+    if failures:
+        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
 
 
 if __name__ == "__main__":

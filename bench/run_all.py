@@ -1,23 +1,23 @@
-"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about an hour on 2 idle cores).
+"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 75 minutes on 2 idle cores).
 
-    python bench/run_all.py [--only model,profile,profile_batch8,speed,scaling,eval_passes,eval,data,trainer]
+    python bench/run_all.py [--only model,profile,profile_batch8,allocator,speed,scaling,eval_passes,eval,data,trainer]
                             [--gpu_json gpu_bench.json] [--gpu_profile_json profile.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections, with the minutes each took in one run of all (2026-12-04, 2 idle cores of an AVX2 EPYC; 63 min in all):
-model cost and goals at batch 1 and 8 (bench_model.py, 30: a 1200 s timing cap per row, about 7 rounds at batch 8,
-whose repetitions swing by +-15 %, plus a fresh process per mode for memory), speed features (bench_speed.py, 11:
-inductor compiling, and bf16 on a CPU without native bf16 runs 60 s training steps), profile of the extra time and
-per-block times (profile_model.py --per_block, 1), the same for inference at batch 8, where the inference goal is
-hardest to measure (5), scaling (bench_scaling.py, 10: ratios within 2 % of 1 run all 10 rounds; 224 px is the
-n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes (bench_eval_passes.py, <1),
-evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead (bench_trainer.py, 2). Two
-halves of ~30 minutes: `--only model` and the rest. Also the demo's report (when `make demo` has run)
-and the GPU figures of bench/gpu.sh (`--gpu_json`) and
-bench/profile_gpu.py (`--gpu_profile_json`). Sections not re-run keep their previous text; BENCHMARKS.md is
-rewritten after every section; a section that fails (e.g. an impossible ratio on a busy machine) is written with
-its table and the reason when its script got that far, else keeps its previous text; the run goes on and exits
-non-zero at the end.
+Sections, with the minutes each took in one run of all (2026-12-04, 2 idle cores of an AVX2 EPYC; 63 min in all,
+before the page-fault section was added): model cost and goals at batch 1 and 8 (bench_model.py, 30: a 1200 s timing
+cap per row, about 7 rounds at batch 8, whose repetitions swing by +-15 %, plus a fresh process per mode for
+memory), speed features (bench_speed.py, 11: inductor compiling, and bf16 on a CPU without native bf16 runs 60 s
+training steps), profile of the extra time and per-block times (profile_model.py --per_block, 1), the same for
+inference at batch 8, where the inference goal is hardest to measure (5), page faults under two glibc settings
+(bench_allocator.py, 11: four processes at batch 8; session 11), scaling (bench_scaling.py, 10: ratios within 2 % of
+1 run all 10 rounds; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
+(bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead
+(bench_trainer.py, 2). Two halves of ~30-40 minutes: `--only model` and the rest. Also the demo's report (when `make
+demo` has run) and the GPU figures of bench/gpu.sh (`--gpu_json`) and bench/profile_gpu.py (`--gpu_profile_json`).
+Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every section; a section that fails
+(e.g. an impossible ratio on a busy machine) is written with its table and the reason when its script got that far,
+else keeps its previous text; the run goes on and exits non-zero at the end.
 Each section records its command; the header records machine, date and versions. Run it when nothing else uses
 the CPU: timings disturbed by other processes are flagged and excluded (bench/timing.py), so a busy machine gives
 fewer clean repetitions.
@@ -44,6 +44,7 @@ SECTIONS = {
     "profile_batch8": ("Where IVPT's inference time goes at batch 8 (torch.profiler, CPU)",
                        ["bench/profile_model.py", "--batch", "8", "--comparisons", "inference", "--per_block",
                         "--per_block_rounds", "4"]),
+    "allocator": ("Page faults at batch 8, and glibc's allocator settings (CPU)", ["bench/bench_allocator.py"]),
     "scaling": ("Scaling with image size and prototypes (CPU)", ["bench/bench_scaling.py", "--image_sizes", "392"]),
     "eval_passes": ("Evaluation cost in backbone passes", ["bench/bench_eval_passes.py"]),
     "eval": ("Evaluation throughput per metric (CPU)", ["bench/bench_eval.py", "--classes", "2"]),
