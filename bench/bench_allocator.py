@@ -122,13 +122,7 @@ def main():
         return
     results = run(args.config, args.batch, args.rounds, args.repetitions)
     text, failures = markdown(results, args.config, args.batch)
-    if failures:
-        text += "\n\n" + "\n".join(f"**Run failed (sanity rule):** {failure}" for failure in failures)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "markdown": text}, indent=2))
-    if failures:
-        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
+    timing.publish(text, results, failures, args.json)
 
 
 if __name__ == "__main__":

@@ -262,15 +262,8 @@ def main():
             results.append(measure(name, batch, args.max_rounds, args.max_seconds, not args.no_memory, flops,
                                    min_repetition_s=args.min_repetition_s))
             print(markdown(results).splitlines()[-3], flush=True)
-    text = markdown(results)
     failures = [failure for result in results for failure in result.get("failures", [])]
-    if failures:  # the table is kept for the record, marked as failed; the run exits non-zero
-        text += "\n\n" + "\n".join(f"**Run failed (sanity rule):** {failure}" for failure in failures)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": results, "markdown": text}, indent=2))
-    if failures:
-        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
+    timing.publish(markdown(results), results, failures, args.json)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ bench/timing.py's explanation, after the tables are written: IVPT runs that whol
 """
 
 import argparse
-import json
 import sys
 import time
 from collections import Counter
@@ -182,14 +181,7 @@ def main():
         inference_modes = {name: modes[name] for name in ("bare_forward", "ivpt_inference")}
         result["per_block"] = per_block_times(model, inference_modes, args.per_block_rounds)
         lines += per_block_markdown(result["per_block"], "bare_forward", "ivpt_inference")
-    failures = sanity_failures(result)
-    lines += [f"**Run failed (sanity rule):** {failure}" for failure in failures]
-    markdown = "\n".join(lines)
-    print(markdown)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"results": result, "markdown": markdown}, indent=2))
-    if failures:
-        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
+    timing.publish("\n".join(lines), result, sanity_failures(result), args.json)
 
 
 if __name__ == "__main__":

@@ -52,12 +52,15 @@ The method, in full:
 from __future__ import annotations
 
 import gc
+import json
 import math
 import os
 import random
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 FLAG_ABSOLUTE_S = 0.03
@@ -406,3 +409,16 @@ def require_not_faster(label: str, ratio: float, details: str = "") -> float:
             f"with more rounds; the run fails rather than publish this number."
         )
     return ratio
+
+
+def publish(markdown: str, results, failures: list[str], json_path: str | None) -> None:
+    """The end of a benchmark script: prints `markdown` with a line per failed sanity check, writes `{"results",
+    "markdown"}` to `json_path` when given, then exits non-zero if a check failed (the figures are kept for the
+    record, marked as not publishable)."""
+    if failures:
+        markdown += "\n\n" + "\n".join(f"**Run failed (sanity rule):** {failure}" for failure in failures)
+    print(markdown)
+    if json_path:
+        Path(json_path).write_text(json.dumps({"results": results, "markdown": markdown}, indent=2))
+    if failures:
+        sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
