@@ -1,7 +1,7 @@
 """Model cost on CPU: IVPT against the bare timm backbone it contains, and the goals it must meet.
 
-    python bench/bench_model.py [--config tiny,full] [--batch 1,8] [--max_rounds 8] [--max_seconds 600]
-                                [--min_repetition_s 1] [--json OUT]
+    python bench/bench_model.py [--config tiny,full] [--batch 1,8] [--max_rounds 16] [--max_seconds 600]
+                                [--no_memory] [--json OUT]
 
 fp32, 2 torch threads, random weights. Modes: bare backbone forward (no grad); bare forward + backward to the trainable
 input-side tensors (cls/reg/pos); IVPT inference forward (no grad); IVPT full training step (clean pass, warped pass,
@@ -11,9 +11,13 @@ too, once per stage), no head or pooling; the bare forward runs in eval mode lik
 forward+backward in train mode like the IVPT step (the backbone has no dropout, so the mode changes nothing but
 keeps the pairs identical).
 
-Timings use bench/timing.py (interleaved rounds in one process, repetitions disturbed by other processes flagged and
-excluded, min over clean repetitions, rounds until the min is stable; an IVPT / bare ratio within 2 % of 1 runs all
-`--max_rounds`; a repetition lasts >= `--min_repetition_s`, several calls at small sizes). Goals (ViT-B/14 reg4 at 518 px):
+Timings: lockstep pairs (bench/timing.py, point 6): each ratio's two sides (e.g. the bare forward and IVPT
+inference) run in two threads that take turns before every transformer block and after every block's input gradient,
+so a machine whose speed swings by +-15 % within seconds slows both alike; the ratio is the median over the calls,
+with its 95 % interval; calls disturbed by other processes are flagged and excluded; rounds go on until every
+interval is within 1 % of its median (or `--max_rounds`, `--max_seconds`). The bare side runs a copy of the
+backbone (equal weights), so the two threads share no module. At batch 1 an A/A pair (the bare forward on both sides)
+checks the method: its 95 % interval must reach 1 +- 1 %. Goals (ViT-B/14 reg4 at 518 px):
 inference <= 1.03x the bare forward; training step <= 1.05x (bare forward+backward + bare forward); training-step
 peak memory <= 1.10x the bare forward+backward. A time ratio below 1 fails the run (IVPT contains that backbone).
 Peak memory: each mode in a fresh process (peak RSS growth over one step, after the model is built), with glibc's
@@ -24,6 +28,7 @@ FLOPs: torch.utils.flop_counter at batch 1, a noise-free view of what the protot
 """
 
 import argparse
+import copy
 import json
 import os
 import resource
@@ -64,15 +69,19 @@ def build(config_kwargs: dict, batch: int, threads: int = 2):
     images = torch.randn(batch, 3, config.image_size, config.image_size)
     labels = torch.arange(batch) % config.num_labels
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-    backbone = model.ivpt.backbone
+    # A copy, equal weights: the two sides of a lockstep pair run in two threads, and one side's train()/eval() and
+    # gradients must not touch the other's modules.
+    backbone = copy.deepcopy(model.ivpt.backbone)
 
     def bare_forward():
-        model.eval()
+        backbone.eval()
         with torch.no_grad():
             backbone.forward_features(images)
 
+    bare_forward.backbone = backbone  # for hooks on the bare blocks (lockstep switch points, per-block timing)
+
     def bare_forward_backward():
-        model.train()
+        backbone.train()
         backbone.forward_features(images).mean().backward()
 
     def ivpt_inference():
@@ -90,19 +99,37 @@ def build(config_kwargs: dict, batch: int, threads: int = 2):
                                                           ivpt_train_step))}
 
 
-GUARDS = {  # the ratios that must be >= 1 (IVPT contains the backbone): close to 1, all rounds run
-    "inference": (("ivpt_inference",), ("bare_forward",)),
-    "train": (("ivpt_train_step",), ("bare_forward_backward", "bare_forward")),
+PAIRS = {  # lockstep pairs, name: (denominator modes, numerator modes); IVPT contains the denominator's work
+    "inference": (("bare_forward",), ("ivpt_inference",)),
+    "train": (("bare_forward_backward", "bare_forward"), ("ivpt_train_step",)),
 }
+CHECK_PAIR = ("A/A", (("bare_forward",), ("bare_forward",)))  # the method's own bias, at batch 1 (cheap there)
 
 
-def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: float,
-               min_repetition_s: float) -> dict:
-    _, modes = build(config_kwargs, batch)
-    result = timing.time_modes(modes, min_rounds=min(3, max_rounds), max_rounds=max_rounds,
-                               max_seconds=max_seconds, min_repetition_s=min_repetition_s, guards=GUARDS,
-                               log=lambda line: print(line, file=sys.stderr, flush=True))
-    return {**result.to_json(), "summary": result.summary()}
+def sequence(modes: dict, names: tuple[str, ...]):
+    return lambda: [modes[name]() for name in names]
+
+
+def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: float) -> dict:
+    """The pairs of `PAIRS` (and the A/A check at batch 1) timed in lockstep, a switch point before every block of
+    both models (bench/timing.py, point 6)."""
+    model, modes = build(config_kwargs, batch)
+    lockstep = timing.Lockstep()
+    lockstep.add_switch_points([*model.ivpt.backbone.blocks, *modes["bare_forward"].backbone.blocks])
+    pairs = dict(PAIRS, **dict([CHECK_PAIR])) if batch == 1 else PAIRS
+    callables = {name: (sequence(modes, denominator), sequence(modes, numerator))
+                 for name, (denominator, numerator) in pairs.items()}
+    for denominator, numerator in callables.values():  # warm-up, outside lockstep
+        denominator(), numerator()
+    timings, rounds, stop_reason, rule = timing.time_lockstep(
+        callables, lockstep, min_rounds=min(5, max_rounds), max_rounds=max_rounds, max_seconds=max_seconds,
+        log=lambda line: print(line, file=sys.stderr, flush=True))
+    clean = sum(len(t.ratios) for t in timings.values())
+    flagged = sum(len(t.sides) for t in timings.values()) - clean
+    summary = (f"{rounds} lockstep rounds; {clean} clean / {flagged} flagged calls; stopped: {stop_reason}; "
+               f"{lockstep.switches} switches")
+    return {"pairs": {name: t.to_json() for name, t in timings.items()}, "rounds": rounds,
+            "stop_reason": stop_reason, "rule": rule, "summary": summary}
 
 
 def run_flops(config_kwargs: dict) -> dict:
@@ -137,24 +164,13 @@ def child(kind: str, *args) -> dict | float:
 
 
 def measure(name: str, batch: int, max_rounds: int, max_seconds: float, memory: bool = True,
-            flops: dict | None = None, config_kwargs: dict | None = None, min_repetition_s: float = 1.0) -> dict:
-    """Timings (one process), peak memory of the training modes (a fresh process each), ratios and goal checks.
-    `name` labels the row and picks the config from `CONFIGS` unless `config_kwargs` are given."""
+            flops: dict | None = None, config_kwargs: dict | None = None) -> dict:
+    """Lockstep timings (one process), peak memory of the training modes (a fresh process each), ratios and goal
+    checks. `name` labels the row and picks the config from `CONFIGS` unless `config_kwargs` are given."""
     config_json = json.dumps(CONFIGS[name] if config_kwargs is None else config_kwargs)
-    times = child("timing", config_json, batch, max_rounds, max_seconds, min_repetition_s)
-    best = {mode: times["modes"][mode]["min_s"] for mode in MODES}
-    ratios = {
-        "inference": best["ivpt_inference"] / best["bare_forward"],
-        "train": best["ivpt_train_step"] / (best["bare_forward_backward"] + best["bare_forward"]),
-    }
-    medians = {mode: times["modes"][mode]["median_s"] for mode in MODES}
-    median_ratios = {
-        "inference": medians["ivpt_inference"] / medians["bare_forward"],
-        "train": medians["ivpt_train_step"] / (medians["bare_forward_backward"] + medians["bare_forward"]),
-    }
-    paired = {key: timing.paired_round_ratios(times["modes"], *GUARDS[key]) for key in GUARDS}
-    result = {"config": name, "batch": batch, "timing": times, "ratios": ratios, "median_ratios": median_ratios,
-              "paired_round_ratios": paired}
+    times = child("timing", config_json, batch, max_rounds, max_seconds)
+    ratios = {key: times["pairs"][key]["ratio"] for key in PAIRS}
+    result = {"config": name, "batch": batch, "timing": times, "ratios": ratios}
     if memory:
         rss = {mode: child("memory", config_json, batch, mode) for mode in MEMORY_MODES}
         result["peak_rss_growth_mib"] = rss
@@ -164,13 +180,28 @@ def measure(name: str, batch: int, max_rounds: int, max_seconds: float, memory: 
             "inference": flops["ivpt_inference"] / flops["bare_forward"],
             "train": flops["ivpt_train_step"] / (flops["bare_forward_backward"] + flops["bare_forward"]),
         }
-    for key in ("inference", "train"):  # the sanity rule: IVPT contains its backbone
+    for key in PAIRS:  # the sanity rule: IVPT contains its backbone
         try:
-            timing.require_not_faster(f"{name} batch {batch}: {key} ratio (min over clean repetitions)",
+            timing.require_not_faster(f"{name} batch {batch}: {key} ratio (median of the lockstep calls)",
                                       ratios[key], times["summary"])
         except timing.ImpossibleRatioError as error:
             result.setdefault("failures", []).append(str(error))
+    check = times["pairs"].get(CHECK_PAIR[0])
+    if check and not a_a_consistent(check["interval_95"]):
+        result.setdefault("failures", []).append(
+            f"{name} batch {batch}: the A/A check (the bare forward on both sides) gave {check['ratio']:.3f} with a "
+            f"95 % interval {interval_cell(check)} that lies more than {A_A_TOLERANCE:.0%} from 1: the two sides of a "
+            f"lockstep call were not treated alike ({times['summary']})")
     return result
+
+
+A_A_TOLERANCE = 0.01
+
+
+def a_a_consistent(interval: list[float]) -> bool:
+    """The A/A pair passes when its 95 % interval of the median reaches [1 - tolerance, 1 + tolerance]."""
+    low, high = interval
+    return low <= 1 + A_A_TOLERANCE and high >= 1 - A_A_TOLERANCE
 
 
 def goal_cell(name: str, key: str, ratios: dict) -> str:
@@ -180,49 +211,70 @@ def goal_cell(name: str, key: str, ratios: dict) -> str:
     if name != "full":
         return f"{value:.3f}"
     miss = 100 * (value / GOALS[key] - 1)
-    verdict = ("below 1, noise: not a result" if key in GUARDS and value < 1 else
+    verdict = ("below 1, noise: not a result" if key in PAIRS and value < 1 else
                "met" if value <= GOALS[key] else f"missed by {miss:.2f} %" if miss < 0.1 else f"missed by {miss:.1f} %")
     digits = 4 if abs(value - GOALS[key]) < 0.0005 else 3  # 1.0304 missed, 1.0296 met: both would print as 1.030
     return f"{value:.{digits}f} (goal <= {GOALS[key]:.2f}: {verdict})"
 
 
+def median_call(pair: dict) -> tuple[float, float] | None:
+    """(denominator, numerator) seconds of the clean call whose ratio is the median, or the next above it for an even
+    count: one call's two sides, so the time columns agree with the ratio column (medians of each side taken apart
+    would mix calls, and can put IVPT below its backbone while every call has it above)."""
+    calls = [(d, n) for d, n, flagged in zip(pair["denominator_s"], pair["numerator_s"], pair["flagged_each"])
+             if not flagged]
+    above = [call for call in calls if call[1] / call[0] >= pair["ratio"]]
+    return min(above, key=lambda call: call[1] / call[0]) if above else None
+
+
+def pair_cell(pair: dict, side: str) -> str:
+    call = median_call(pair)
+    return "–" if call is None else f"{call[side == 'numerator']:.3f}"
+
+
+def interval_cell(pair: dict) -> str:
+    low, high = pair["interval_95"]
+    return f"[{low:.3f}, {high:.3f}]" + (" (range: < 6 calls)" if pair["clean"] < 6 else "")
+
+
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| config | batch | bare fwd (s) | bare fwd+bwd (s) | IVPT inference (s) | IVPT train step (s) "
-        "| inference / bare fwd | train / (bare fwd+bwd + bare fwd) | train-step peak RSS / bare fwd+bwd "
-        "| FLOP ratio inference / train | clean/flagged (fwd, fwd+bwd, inf, train) | rounds, stop |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | batch | bare fwd (s) | IVPT inference (s) | bare fwd+bwd + bare fwd (s) | IVPT train step (s) "
+        "| inference / bare fwd [95 % interval] | train / (bare fwd+bwd + bare fwd) [95 % interval] "
+        "| train-step peak RSS / bare fwd+bwd | FLOP ratio inference / train | A/A check [95 % interval] "
+        "| clean/flagged calls (inference, train) | rounds, stop |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
-        modes = result["timing"]["modes"]
-        cell = lambda mode: f"{modes[mode]['min_s']:.3f} (med {modes[mode]['median_s']:.3f})"  # noqa: E731
-        counts = ", ".join(f"{modes[m]['clean']}/{modes[m]['flagged']}" for m in MODES)
+        pairs = result["timing"]["pairs"]
         flop = result.get("flop_ratios")
         memory = result.get("peak_rss_growth_mib")
         memory_cell = goal_cell(result["config"], "memory", result["ratios"])
         if memory:
             memory_cell += f" [{memory['ivpt_train_step']:.0f} / {memory['bare_forward_backward']:.0f} MiB]"
+        check = pairs.get(CHECK_PAIR[0])
         lines.append(
-            f"| {result['config']} | {result['batch']} | {cell('bare_forward')} | {cell('bare_forward_backward')} "
-            f"| {cell('ivpt_inference')} | {cell('ivpt_train_step')} "
-            f"| {goal_cell(result['config'], 'inference', result['ratios'])} "
-            f"| {goal_cell(result['config'], 'train', result['ratios'])} | {memory_cell} "
+            f"| {result['config']} | {result['batch']} | {pair_cell(pairs['inference'], 'denominator')} "
+            f"| {pair_cell(pairs['inference'], 'numerator')} | {pair_cell(pairs['train'], 'denominator')} "
+            f"| {pair_cell(pairs['train'], 'numerator')} "
+            + "".join(f"| {goal_cell(result['config'], key, result['ratios'])} {interval_cell(pairs[key])} "
+                      for key in PAIRS)
+            + f"| {memory_cell} "
             f"| {'–' if not flop else format(flop['inference'], '.4f') + ' / ' + format(flop['train'], '.4f')} "
-            f"| {counts} | {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
+            f"| {'–' if not check else format(check['ratio'], '.3f') + ' ' + interval_cell(check)} "
+            f"| {pairs['inference']['clean']}/{pairs['inference']['flagged']}, "
+            f"{pairs['train']['clean']}/{pairs['train']['flagged']} "
+            f"| {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
         )
-    for result in results:
-        paired = result.get("paired_round_ratios", {})
-        if any(paired.values()):
-            lines.append("")
-            lines.append(f"{result['config']} batch {result['batch']}, per-round paired ratios (median over the rounds "
-                         "in which every mode involved was clean; a second estimate, immune to slow drift): "
-                         + "; ".join(f"{key} {statistics.median(values):.3f} over {len(values)} rounds "
-                                     f"(range {min(values):.3f}-{max(values):.3f})"
-                                     for key, values in paired.items() if values))
-    lines += ["", "Times: min over clean repetitions (median in brackets); ratios use the mins. "
-              "Peak RSS: growth over one step, each mode in a fresh process, glibc mmap threshold fixed at 64 KiB "
-              "(peak RSS = peak of live memory). Method: `bench/timing.py` (kernel threads' CPU "
-              "time, e.g. `kdamond` working on our own memory, is not counted as foreign); "
+    lines += ["", "Ratios: median over the clean lockstep calls of (IVPT side / bare side), with the distribution-free "
+              "95 % interval of that median; times: both sides of the call whose ratio is that median (the next above "
+              "it for an even count), a record of one call: in lockstep each side runs slower than alone, and at "
+              "batch 8 the two sides' activations are alive together. "
+              "Lockstep: the two sides of a ratio run in two threads that take turns before every transformer block "
+              "and after every block's input gradient, so the machine's slowdowns fall on both alike; A/A: the bare "
+              "forward on both sides (the method's own bias, batch 1). Calls during which other processes used the "
+              "CPU are flagged and excluded (`bench/timing.py`). Peak RSS: growth over one step, each mode in a "
+              "fresh process, glibc mmap threshold fixed at 64 KiB (peak RSS = peak of live memory). "
               + (results[0]["timing"]["rule"] if results else "") + "."]
     return "\n".join(lines)
 
@@ -231,10 +283,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny,full", help="comma-separated: tiny, full")
     parser.add_argument("--batch", default="1,8", help="batch sizes of the full config (tiny runs at batch 1)")
-    parser.add_argument("--max_rounds", type=int, default=8)
+    parser.add_argument("--max_rounds", type=int, default=16)
     parser.add_argument("--max_seconds", type=float, default=600, help="cap on the timed rounds of one row")
-    parser.add_argument("--min_repetition_s", type=float, default=1.0,
-                        help="a repetition runs a mode this long at least (several calls when one is shorter)")
     parser.add_argument("--no_memory", action="store_true", help="skip the fresh-process peak-memory runs")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
@@ -243,7 +293,7 @@ def main():
         kind, config_json, *rest = args.child
         config_kwargs = json.loads(config_json)
         if kind == "timing":
-            out = run_timing(config_kwargs, int(rest[0]), int(rest[1]), float(rest[2]), float(rest[3]))
+            out = run_timing(config_kwargs, int(rest[0]), int(rest[1]), float(rest[2]))
         elif kind == "flops":
             out = run_flops(config_kwargs)
         else:
@@ -259,9 +309,8 @@ def main():
     for name in names:
         flops = child("flops", json.dumps(CONFIGS[name]))
         for batch in (batches if name == "full" else [1]):
-            results.append(measure(name, batch, args.max_rounds, args.max_seconds, not args.no_memory, flops,
-                                   min_repetition_s=args.min_repetition_s))
-            print(markdown(results).splitlines()[-3], flush=True)
+            results.append(measure(name, batch, args.max_rounds, args.max_seconds, not args.no_memory, flops))
+            print(markdown(results).splitlines()[len(results) + 1], flush=True)
     failures = [failure for result in results for failure in result.get("failures", [])]
     timing.publish(markdown(results), results, failures, args.json)
 

@@ -3,11 +3,10 @@ the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads, fp32).
 
     python bench/bench_scaling.py [--image_sizes 224,392] [--n_pro 5,4/9,7,5/17,14,11,8,5/33,27,21,15,9,5] [--json OUT]
 
-Every point runs bench/bench_model.py's measurement in its own subprocess: timings on bench/timing.py (interleaved
-rounds, repetitions disturbed by other processes flagged and excluded, min over clean repetitions, rounds until the
-min is stable; a ratio below 1 fails the run; an IVPT / bare ratio within 2 % of 1 runs all `--max_rounds` rounds, and
-each repetition lasts >= `--min_repetition_s` (4 forward calls of 0.3 s at 224 px), since at 224 px the prototype
-heads add ~0.2 % of FLOPs and a min not yet at its floor would otherwise show a ratio below 1), peak RSS growth of the training modes in fresh processes, FLOPs.
+Every point runs bench/bench_model.py's measurement in its own subprocess: the training step and its bare
+side timed as a lockstep pair on bench/timing.py (two threads taking turns before every transformer block, so the
+machine's swings fall on both; median ratio over the calls with its 95 % interval; disturbed calls flagged and
+excluded; a ratio below 1 fails the run), peak RSS growth of the training modes in fresh processes, FLOPs.
 `time overhead` = IVPT training step / (bare forward+backward + bare forward) - 1: what the prototype machinery adds
 on top of the two backbone passes a training step cannot avoid; `FLOP overhead` is the same ratio in counted FLOPs.
 518 px is the `model` section (bench_model.py).
@@ -19,24 +18,22 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_model import child, measure  # noqa: E402
+from bench_model import child, interval_cell, measure, pair_cell  # noqa: E402
 
 
 def row(label: str, result: dict) -> str:
-    modes = result["timing"]["modes"]
-    bare = modes["bare_forward_backward"]["min_s"] + modes["bare_forward"]["min_s"]
+    train = result["timing"]["pairs"]["train"]
     memory = result["peak_rss_growth_mib"]
-    counts = ", ".join(f"{m['clean']}/{m['flagged']}" for m in modes.values())
-    return (f"| {label} | {bare:.2f} | {modes['ivpt_train_step']['min_s']:.2f} "
-            f"| {100 * (result['ratios']['train'] - 1):+.1f} % | {100 * (result['flop_ratios']['train'] - 1):+.2f} % "
-            f"| {memory['bare_forward_backward']:.0f} | {memory['ivpt_train_step']:.0f} | {counts} "
-            f"| {result['timing']['rounds']} |")
+    return (f"| {label} | {pair_cell(train, 'denominator')} | {pair_cell(train, 'numerator')} "
+            f"| {100 * (result['ratios']['train'] - 1):+.1f} % {interval_cell(train)} "
+            f"| {100 * (result['flop_ratios']['train'] - 1):+.2f} % "
+            f"| {memory['bare_forward_backward']:.0f} | {memory['ivpt_train_step']:.0f} "
+            f"| {train['clean']}/{train['flagged']} | {result['timing']['rounds']} |")
 
 
 def point(label: str, config: dict, args) -> dict:
     flops = child("flops", json.dumps(config))
-    return measure(label, 1, args.max_rounds, args.max_seconds, True, flops, config_kwargs=config,
-                   min_repetition_s=args.min_repetition_s)
+    return measure(label, 1, args.max_rounds, args.max_seconds, True, flops, config_kwargs=config)
 
 
 def main():
@@ -45,13 +42,11 @@ def main():
     parser.add_argument("--n_pro", default="5,4/9,7,5/17,14,11,8,5/33,27,21,15,9,5", help="'/'-separated, at 224 px")
     parser.add_argument("--max_rounds", type=int, default=10)
     parser.add_argument("--max_seconds", type=float, default=120, help="cap on the timed rounds of one point")
-    parser.add_argument("--min_repetition_s", type=float, default=1.0,
-                        help="a repetition runs a mode this long at least (several calls when one is shorter)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | time overhead | FLOP overhead "
-              "| bare fwd+bwd peak RSS growth (MiB) | IVPT step peak RSS growth (MiB) "
-              "| clean/flagged (fwd, fwd+bwd, inf, train) | rounds |\n|---|---|---|---|---|---|---|---|---|")
+    header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | time overhead [95 % interval of the ratio] "
+              "| FLOP overhead | bare fwd+bwd peak RSS growth (MiB) | IVPT step peak RSS growth (MiB) "
+              "| clean/flagged calls | rounds |\n|---|---|---|---|---|---|---|---|---|")
     results = {"image_size": {}, "n_pro": {}}
     lines = ["Image size (n_pro 17,14,11,8,5):", "", header.format("image size")]
     for size in [int(s) for s in args.image_sizes.split(",") if s]:
@@ -65,7 +60,9 @@ def main():
         lines.append(row(n_pro, results["n_pro"][n_pro]))
         print(lines[-1], flush=True)
     any_result = next(iter(results["image_size"].values()), None) or next(iter(results["n_pro"].values()))
-    lines += ["", "Times: min over clean repetitions. Method: `bench/timing.py`; " + any_result["timing"]["rule"] + "."]
+    lines += ["", "Lockstep pairs (`bench/bench_model.py`, `bench/timing.py` point 6): time overhead = median over the "
+              "clean calls of IVPT step / bare side - 1; times: both sides of the call whose ratio is that median "
+              "(slower in lockstep than alone). " + any_result["timing"]["rule"] + "."]
     failures = [failure for group in results.values() for result in group.values()
                 for failure in result.get("failures", [])]
     lines += [f"**Run failed (sanity rule):** {failure}" for failure in failures]

@@ -70,9 +70,9 @@ def outside_blocks_seconds(block_seconds: list[dict[int, float]], repetition_sec
                default=float("nan"))
 
 
-def per_block_times(model, modes: dict, rounds: int) -> dict:
-    """Per mode: per-block wall seconds (min over clean repetitions), the tokens each block ran, and the total."""
-    blocks = model.ivpt.backbone.blocks
+def per_block_times(blocks, bare_blocks, modes: dict, rounds: int) -> dict:
+    """Per mode: per-block wall seconds (min over clean repetitions), the tokens each block ran, and the total.
+    `blocks`: IVPT's backbone blocks; `bare_blocks`: those of the bare modes (build() gives them a copy)."""
     current: dict[int, float] = {}
     tokens: dict[int, int] = {}
 
@@ -85,7 +85,7 @@ def per_block_times(model, modes: dict, rounds: int) -> dict:
             tokens[index] = output.shape[1]
         return hook
 
-    handles = [h for i, block in enumerate(blocks)
+    handles = [h for i, block in [*enumerate(blocks), *enumerate(bare_blocks)]
                for h in (block.register_forward_pre_hook(before(i)), block.register_forward_hook(after(i)))]
     records: dict[str, list[dict]] = {name: [] for name in modes}
     token_counts: dict[str, dict[int, int]] = {}
@@ -179,7 +179,9 @@ def main():
         lines.append("")
     if args.per_block:
         inference_modes = {name: modes[name] for name in ("bare_forward", "ivpt_inference")}
-        result["per_block"] = per_block_times(model, inference_modes, args.per_block_rounds)
+        bare_blocks = modes["bare_forward"].backbone.blocks
+        result["per_block"] = per_block_times(model.ivpt.backbone.blocks, bare_blocks, inference_modes,
+                                              args.per_block_rounds)
         lines += per_block_markdown(result["per_block"], "bare_forward", "ivpt_inference")
     timing.publish("\n".join(lines), result, sanity_failures(result), args.json)
 

@@ -28,23 +28,26 @@ The method, in full:
    Both counters tick every 10 ms, so repetitions much shorter than ~0.5 s are judged coarsely (a 20 ms repetition
    cannot exceed the absolute allowance); the goal rows (ViT-B/14 at 518 px) take seconds per repetition.
 3. **Statistics**: min and median over the clean repetitions. Ratios use the min (the least disturbed run is the best
-   estimate of the cost on an idle machine); the median is reported next to it.
+   estimate of the cost on an idle machine); the median is reported next to it. For ratios within a few % of 1 on a
+   machine whose speed swings, mins of separate repetitions are not enough: see point 6.
 4. **Stopping rule**: after at least `min_rounds` rounds, stop as soon as every mode has >= `min_clean` clean
    repetitions and no mode's min fell by more than `tolerance` (1 %) over the last `patience` (2) rounds; otherwise
    stop at `max_rounds` or when `max_seconds` is spent (the result then says so: `stop_reason`).
-   **Ratios close to 1** (`guards`, e.g. IVPT inference / bare forward): while a guarded ratio of mins is below
-   `1 + guard_margin` (2 %), a stable min is not enough: the rounds go on to `max_rounds` (or the time cap). A true
-   ratio of 1.002 (what the prototype heads add at 224 px) is otherwise published as 0.99 whenever one mode's min
-   is not yet at its floor; more rounds bring every min down to it. **A ratio still below 1 at `max_rounds`** proves
-   that one min has not reached its floor yet, so the rounds go on past `max_rounds`, up to `impossible_max_rounds`
-   (default twice `max_rounds`, still within the time cap), until every guarded ratio is >= 1; only then is a ratio
-   below 1 reported as a failure (point 5).
-   **Short calls** (`min_repetition_s`): a repetition runs the mode's callable as many times as needed to last at
-   least `min_repetition_s` (the count is fixed per mode from the warm-up call's time), and reports the time per
-   call. A 0.3 s forward then is timed over ~1 s, which averages out short disturbances too small to be flagged
-   and keeps the 10 ms ticks of the flag counters small against the repetition.
 5. **Sanity rule**: a model that runs its whole backbone plus heads cannot be faster than that backbone.
    `require_not_faster` raises `ImpossibleRatioError` (failing the run, with an explanation) when such a ratio is < 1.
+6. **Lockstep pairs** (`Lockstep`, `time_lockstep`), for ratios close to 1 on a machine whose speed swings: the two
+   sides of a ratio (e.g. the bare forward and IVPT inference) run in two threads that take turns at switch points
+   (before every transformer block, and after the gradient of every block's input in a backward), so the machine's
+   slowdowns of a second or more fall on both sides alike; each side's time is the sum of its turns. On the shared
+   2-core VM of session 12, where 0.1-s matrix products on each core varied by +-15 % even when averaged over 5 s,
+   independently on the two cores, the per-call ratio of the batch-1 inference pair varied with a standard
+   deviation of 3 % in lockstep against 12 % for the same two calls run one after the other. The statistic is the
+   median of the per-call ratios, with its distribution-free 95 % interval (`median_interval`); an A/A pair (the
+   same callable on both sides) shows the method's own bias. Each side runs somewhat slower than alone (the other
+   side's turn evicts caches, and each thread has its own OpenMP team), which is why absolute times come from the
+   lockstep calls only as a record, not as the cost on an idle machine. **Known bias (session 12):** in two runs the
+   A/A pair's median was 0.986-0.987, and 0.976-0.981 over the rounds in which the numerator side started first
+   against 0.993-1.008 when the denominator side did; the cause of this 1-2 % order effect is not found yet.
 
 `ProcStatMonitor` takes its two readers as arguments, so the flagging logic is tested with fake counters.
 """
@@ -58,6 +61,7 @@ import os
 import random
 import statistics
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,11 +143,10 @@ def own_cpu_seconds() -> float:
 
 @dataclass
 class Repetition:
-    seconds: float  # per call of the mode's callable
+    seconds: float
     foreign_cpu_s: float  # other processes' CPU seconds during the repetition (kernel threads excluded)
     flagged: bool
     kernel_thread_cpu_s: float = 0.0  # the kernel's own threads' CPU seconds, not counted as foreign
-    calls: int = 1  # calls of the mode's callable in this repetition
     steal_cpu_s: float = 0.0  # CPU seconds the hypervisor stole meanwhile (own allowance, see the module docstring)
 
 
@@ -174,20 +177,19 @@ class ProcStatMonitor:
         """Re-reads the list of kernel threads (cached for the round)."""
         self.kernel_pids = self.list_kernel_threads()
 
-    def run(self, function: Callable[[], object], calls: int = 1) -> Repetition:
-        """One repetition: `calls` calls of `function`, timed and flagged together; `seconds` is per call."""
+    def run(self, function: Callable[[], object]) -> Repetition:
+        """One repetition: one call of `function`, timed and flagged."""
         if self.kernel_pids is None:
             self.new_round()
         kernel, steal = self.read_kernel(self.kernel_pids), self.read_steal()
         busy, own, start = self.read_busy(), self.read_own(), self.clock()
-        for _ in range(calls):
-            function()
+        function()
         seconds = self.clock() - start
         busy, own = self.read_busy() - busy, self.read_own() - own
         kernel, steal = self.read_kernel(self.kernel_pids) - kernel, self.read_steal() - steal
         foreign = busy - own - kernel
         flagged = foreign > self.threshold(seconds) or steal > self.steal_threshold(seconds)
-        return Repetition(seconds / calls, foreign, flagged, kernel, calls, steal)
+        return Repetition(seconds, foreign, flagged, kernel, steal)
 
 
 @dataclass
@@ -221,8 +223,7 @@ class ModeTiming:
                 "flagged_each": [r.flagged for r in self.repetitions],
                 "foreign_cpu_s": [r.foreign_cpu_s for r in self.repetitions],
                 "kernel_thread_cpu_s": [r.kernel_thread_cpu_s for r in self.repetitions],
-                "steal_cpu_s": [r.steal_cpu_s for r in self.repetitions],
-                "calls_per_repetition": self.repetitions[0].calls if self.repetitions else 0}
+                "steal_cpu_s": [r.steal_cpu_s for r in self.repetitions]}
 
 
 @dataclass
@@ -242,7 +243,7 @@ class TimingResult:
     def steal_fraction(self) -> float:
         """Stolen CPU seconds per wall second (one core = 1) over all repetitions."""
         repetitions = [r for m in self.modes.values() for r in m.repetitions]
-        wall = sum(r.seconds * r.calls for r in repetitions)
+        wall = sum(r.seconds for r in repetitions)
         return sum(r.steal_cpu_s for r in repetitions) / wall if wall else 0.0
 
     def summary(self) -> str:
@@ -276,28 +277,11 @@ def min_is_stable(history: list[dict[str, float]], patience: int, tolerance: flo
     return True
 
 
-def guarded_ratios(guards: dict[str, tuple[tuple[str, ...], tuple[str, ...]]],
-                   mins: dict[str, float]) -> dict[str, float]:
-    """Each guard `label: (numerator modes, denominator modes)` -> sum of the numerator mins / sum of the denominator
-    mins (NaN while a mode has no clean repetition)."""
-    return {label: sum(mins[n] for n in numerator) / sum(mins[d] for d in denominator)
-            for label, (numerator, denominator) in guards.items()}
-
-
-def paired_round_ratios(modes: dict, numerator: tuple[str, ...], denominator: tuple[str, ...]) -> list[float]:
-    """Per-round ratios sum(numerator times) / sum(denominator times) over the rounds in which every mode involved
-    was clean (`modes`: `TimingResult.to_json()["modes"]`; repetition i of every mode ran in round i). The modes of
-    one round ran back to back, so slow drift of the machine cancels in each ratio; their median is a second estimate
-    beside the ratio of mins."""
-    names = (*numerator, *denominator)
-    rounds = min(len(modes[name]["all_s"]) for name in names)
-    return [sum(modes[n]["all_s"][i] for n in numerator) / sum(modes[d]["all_s"][i] for d in denominator)
-            for i in range(rounds) if not any(modes[name]["flagged_each"][i] for name in names)]
-
-
-def calls_for(seconds: float, min_repetition_s: float) -> int:
-    """Calls per repetition so that a repetition of calls taking `seconds` each lasts >= `min_repetition_s`."""
-    return max(1, math.ceil(min_repetition_s / seconds)) if seconds > 0 else 1
+def round_limits(min_rounds: int, max_rounds: int, max_seconds: float | None) -> str:
+    """Checks 1 <= min_rounds <= max_rounds; returns the end of a stopping rule's text."""
+    if min_rounds < 1 or max_rounds < min_rounds:
+        raise ValueError(f"need 1 <= min_rounds ({min_rounds}) <= max_rounds ({max_rounds})")
+    return f"at most {max_rounds} rounds" + (f" or {max_seconds:.0f} s" if max_seconds else "")
 
 
 def time_modes(
@@ -310,10 +294,6 @@ def time_modes(
     tolerance: float = 0.01,
     max_seconds: float | None = None,
     warmup: bool = True,
-    min_repetition_s: float = 0.0,
-    guards: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] | None = None,
-    guard_margin: float = 0.02,
-    impossible_max_rounds: int | None = None,
     seed: int = 0,
     monitor: ProcStatMonitor | None = None,
     before_each: Callable[[], object] = gc.collect,
@@ -322,66 +302,32 @@ def time_modes(
 ) -> TimingResult:
     """Times every mode with the method of this module; returns per-mode repetitions, the rounds run and why it
     stopped. `max_seconds` caps the wall time spent in rounds (a round already begun is finished); `before_each` runs
-    untimed before every repetition (default: a garbage collection, so none falls inside a timing).
-    `min_repetition_s` (needs `warmup`), `guards`/`guard_margin` and `impossible_max_rounds`: see the module
-    docstring, point 4."""
-    if min_rounds < 1 or max_rounds < min_rounds:
-        raise ValueError(f"need 1 <= min_rounds ({min_rounds}) <= max_rounds ({max_rounds})")
-    impossible_max_rounds = 2 * max_rounds if impossible_max_rounds is None else impossible_max_rounds
-    if impossible_max_rounds < max_rounds:
-        raise ValueError(f"need impossible_max_rounds ({impossible_max_rounds}) >= max_rounds ({max_rounds})")
-    guards = guards or {}
-    unknown = sorted({m for numerator, denominator in guards.values() for m in (*numerator, *denominator)} - set(modes))
-    if unknown:
-        raise ValueError(f"guards name modes that are not timed: {unknown}")
+    untimed before every repetition (default: a garbage collection, so none falls inside a timing)."""
+    rule = (f"stop after >= {min_rounds} rounds once every mode has >= {min_clean} clean repetitions and no mode's "
+            f"min fell by > {tolerance:.0%} over the last {patience} rounds; "
+            + round_limits(min_rounds, max_rounds, max_seconds))
     monitor = monitor or ProcStatMonitor()
     timings = {name: ModeTiming(name) for name in modes}
-    rule = (f"stop after >= {min_rounds} rounds once every mode has >= {min_clean} clean repetitions and no mode's "
-            f"min fell by > {tolerance:.0%} over the last {patience} rounds"
-            + (f" and {', '.join(guards)} >= {1 + guard_margin:.2f} (else on to the last round)" if guards else "")
-            + f"; at most {max_rounds} rounds"
-            + (f" ({impossible_max_rounds} while a guarded ratio is < 1)" if guards and impossible_max_rounds > max_rounds
-               else "")
-            + (f" or {max_seconds:.0f} s" if max_seconds else "")
-            + (f"; each repetition >= {min_repetition_s:g} s (several calls at small sizes)"
-               if min_repetition_s else ""))
-    calls = dict.fromkeys(modes, 1)
     if warmup:
-        for name, function in modes.items():
-            start = clock()
+        for function in modes.values():
             function()
-            calls[name] = calls_for(clock() - start, min_repetition_s)
     history: list[dict[str, float]] = []
     started = clock()
     stop_reason = f"max_rounds ({max_rounds}) reached before the min was stable"
     rounds = 0
-    for rounds in range(1, impossible_max_rounds + 1):
+    for rounds in range(1, max_rounds + 1):
         monitor.new_round()
         for name in random.Random(seed * 1000 + rounds).sample(list(modes), len(modes)):
             before_each()
-            timings[name].repetitions.append(monitor.run(modes[name], calls[name]))
+            timings[name].repetitions.append(monitor.run(modes[name]))
         history.append({name: timing.min for name, timing in timings.items()})
-        ratios = guarded_ratios(guards, history[-1])
-        near_one = [label for label, ratio in ratios.items() if not ratio >= 1 + guard_margin]  # NaN: near one
-        below_one = [label for label, ratio in ratios.items() if ratio < 1]
         if log:
             log(f"round {rounds}: " + ", ".join(f"{n} {t.repetitions[-1].seconds:.3f}s"
                                                 f"{' (flagged)' if t.repetitions[-1].flagged else ''}"
                                                 for n, t in timings.items()))
         enough_clean = all(len(t.clean) >= min_clean for t in timings.values())
-        stable = rounds >= min_rounds and enough_clean and min_is_stable(history, patience, tolerance)
-        if stable and not near_one:
+        if rounds >= min_rounds and enough_clean and min_is_stable(history, patience, tolerance):
             stop_reason = "min stable"
-            break
-        stop_reason = f"max_rounds ({max_rounds}) reached " + (
-            f"(min stable, but {', '.join(near_one)} within {guard_margin:.0%} of 1, so all rounds run)" if stable
-            else "before the min was stable")
-        if rounds > max_rounds:  # extra rounds, only while a guarded ratio is below 1
-            stop_reason = (f"max_rounds ({max_rounds}) reached with {', '.join(below_one)} < 1, and "
-                           f"impossible_max_rounds ({impossible_max_rounds}) too" if below_one else
-                           f"max_rounds ({max_rounds}) reached with a guarded ratio < 1; {rounds - max_rounds} more "
-                           "rounds until every guarded ratio was >= 1")
-        if rounds >= max_rounds and not below_one:
             break
         if max_seconds is not None and clock() - started > max_seconds:
             stop_reason = f"time cap ({max_seconds:.0f} s) reached" + ("" if enough_clean else
@@ -422,3 +368,184 @@ def publish(markdown: str, results, failures: list[str], json_path: str | None) 
         Path(json_path).write_text(json.dumps({"results": results, "markdown": markdown}, indent=2))
     if failures:
         sys.exit(f"{len(failures)} ratio check(s) failed: the figures above are not publishable, see the explanation")
+
+
+# --- Lockstep pairs (module docstring, point 6) ----------------------------------------------------------------------
+
+
+class Lockstep:
+    """Runs two callables in two threads that take turns: at every switch point (`switch()`, called from hooks that
+    `add_switch_points` puts on modules) the running side stops its clock and hands the CPU to the other side, which
+    runs to its own next switch point. Only one side runs at a time; each side's time is the sum of its own turns.
+    A side whose switch points are used up runs on alone; one that raises stops the run (re-raised by `run`)."""
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter):
+        self.clock = clock
+        self._turn_changed = threading.Condition()
+        self._local = threading.local()
+        self._turn, self._done, self._elapsed = 0, [True, True], [0.0, 0.0]
+        self.switches = 0
+
+    def _take_turn(self, side: int) -> None:
+        with self._turn_changed:
+            self._turn_changed.wait_for(lambda: self._turn == side or self._done[1 - side])
+        self._local.started = self.clock()
+
+    def _hand_over(self, side: int, finished: bool = False) -> None:
+        self._elapsed[side] += self.clock() - self._local.started
+        with self._turn_changed:
+            self._done[side] = self._done[side] or finished
+            self._turn = 1 - side
+            self._turn_changed.notify_all()
+
+    def switch(self) -> None:
+        """A switch point: hands over to the other side (no-op outside `run`, or when the other side has finished)."""
+        side = getattr(self._local, "side", None)
+        if side is None or self._done[1 - side]:
+            return
+        self.switches += 1
+        self._hand_over(side)
+        self._take_turn(side)
+
+    def run(self, first: Callable[[], object], second: Callable[[], object]) -> tuple[float, float]:
+        """Runs `first` (it starts) and `second` in lockstep; returns each one's seconds."""
+        self._turn, self._done, self._elapsed = 0, [False, False], [0.0, 0.0]
+        errors: list[BaseException] = []
+
+        def side_main(side: int, function: Callable[[], object]) -> None:
+            self._local.side = side
+            self._take_turn(side)
+            try:
+                function()
+            except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
+                errors.append(error)
+            finally:
+                self._local.side = None
+                self._hand_over(side, finished=True)
+
+        threads = [threading.Thread(target=side_main, args=(side, function), name=f"lockstep-{side}")
+                   for side, function in enumerate((first, second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+        return self._elapsed[0], self._elapsed[1]
+
+    def add_switch_points(self, modules) -> list:
+        """A switch point before each of `modules` runs forward and, when its input is computed by autograd (not a
+        leaf), after the gradient of that input is computed (a tensor hook: no autograd node is added, so in-place
+        writes on the module's output are unaffected). Returns the forward hooks' handles (`.remove()` them)."""
+
+        def before_forward(module, args):
+            inputs = args[0] if args else None
+            # only on a non-leaf input: its hook goes with the graph, whereas one on a leaf would stay for every later
+            # backward
+            if getattr(inputs, "grad_fn", None) is not None and getattr(self._local, "side", None) is not None:
+                inputs.register_hook(lambda grad: self.switch())
+            self.switch()
+
+        return [module.register_forward_pre_hook(before_forward) for module in modules]
+
+
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics x(k), x(n+1-k) with k the largest
+    index such that P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2. Below 6 values no such k exists at 95 %: the
+    interval is then the whole range (stated as such by the caller)."""
+    ordered, n = sorted(values), len(values)
+    if not n:
+        return float("nan"), float("nan")
+    tail, k, below = (1 - confidence) / 2, 0, 0.0
+    while k < n // 2 and below + math.comb(n, k) / 2**n <= tail:
+        below += math.comb(n, k) / 2**n
+        k += 1
+    k = max(k, 1)
+    return ordered[k - 1], ordered[n - k]
+
+
+@dataclass
+class PairTiming:
+    """The lockstep calls of one pair: `sides[i]` = (denominator seconds, numerator seconds) of call i."""
+
+    name: str
+    sides: list[tuple[float, float]] = field(default_factory=list)
+    repetitions: list[Repetition] = field(default_factory=list)  # the flag check of each call (both sides)
+
+    @property
+    def ratios(self) -> list[float]:
+        """numerator / denominator of every clean call."""
+        return [numerator / denominator for (denominator, numerator), repetition in zip(self.sides, self.repetitions)
+                if not repetition.flagged]
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios) if self.ratios else float("nan")
+
+    def interval(self) -> tuple[float, float]:
+        return median_interval(self.ratios)
+
+    def side_seconds(self, side: int) -> list[float]:
+        return [s[side] for s, r in zip(self.sides, self.repetitions) if not r.flagged]
+
+    def to_json(self) -> dict:
+        low, high = self.interval()
+        return {"ratio": self.ratio, "interval_95": [low, high], "ratios": self.ratios,
+                "clean": len(self.ratios), "flagged": sum(r.flagged for r in self.repetitions),
+                "denominator_s": [s[0] for s in self.sides], "numerator_s": [s[1] for s in self.sides],
+                "flagged_each": [r.flagged for r in self.repetitions],
+                "foreign_cpu_s": [r.foreign_cpu_s for r in self.repetitions],
+                "steal_cpu_s": [r.steal_cpu_s for r in self.repetitions]}
+
+
+def time_lockstep(
+    pairs: dict[str, tuple[Callable[[], object], Callable[[], object]]],
+    lockstep: Lockstep,
+    *,
+    min_rounds: int = 5,
+    max_rounds: int = 16,
+    half_width: float = 0.01,
+    max_seconds: float | None = None,
+    seed: int = 0,
+    monitor: ProcStatMonitor | None = None,
+    before_each: Callable[[], object] = gc.collect,
+    clock: Callable[[], float] = time.perf_counter,
+    log: Callable[[str], None] | None = None,
+) -> tuple[dict[str, PairTiming], int, str, str]:
+    """Times each pair `name: (denominator, numerator)` in lockstep (module docstring, point 6), once per round, pairs
+    in a shuffled order, the side that starts alternating from round to round; each call is flag-checked as a whole.
+    Stops after >= `min_rounds` rounds once every pair's 95 % interval of the median ratio is within `half_width` of
+    it, else at `max_rounds` or when `max_seconds` is spent. Returns (pairs, rounds, stop reason, rule)."""
+    rule = (f"stop after >= {min_rounds} rounds once every ratio's 95 % interval of the median is within "
+            f"{half_width:.0%} of it; " + round_limits(min_rounds, max_rounds, max_seconds))
+    monitor = monitor or ProcStatMonitor()
+    timings = {name: PairTiming(name) for name in pairs}
+    started, rounds, stop_reason = clock(), 0, f"max_rounds ({max_rounds}) reached"
+
+    def narrow(pair: PairTiming) -> bool:
+        low, high = pair.interval()
+        return len(pair.ratios) >= 6 and high - pair.ratio <= half_width and pair.ratio - low <= half_width
+
+    for rounds in range(1, max_rounds + 1):
+        monitor.new_round()
+        for name in random.Random(seed * 1000 + rounds).sample(list(pairs), len(pairs)):
+            denominator, numerator = pairs[name]
+            swap = rounds % 2 == 0
+            sides: list[tuple[float, float]] = []
+            before_each()
+            repetition = monitor.run(lambda: sides.append(lockstep.run(*((numerator, denominator) if swap else
+                                                                        (denominator, numerator)))))
+            first, second = sides[0]
+            timings[name].sides.append((second, first) if swap else (first, second))
+            timings[name].repetitions.append(repetition)
+        if log:
+            log(f"round {rounds}: " + ", ".join(f"{name} {t.sides[-1][1]:.3f}s / {t.sides[-1][0]:.3f}s"
+                                                f"{' (flagged)' if t.repetitions[-1].flagged else ''}"
+                                                for name, t in timings.items()))
+        if rounds >= min_rounds and all(narrow(t) for t in timings.values()):
+            stop_reason = "every interval narrow"
+            break
+        if max_seconds is not None and clock() - started > max_seconds:
+            stop_reason = f"time cap ({max_seconds:.0f} s) reached"
+            break
+    return timings, rounds, stop_reason, rule

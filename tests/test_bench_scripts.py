@@ -4,6 +4,7 @@ one quick run of bench_speed.py on the tiny model. The timing method itself: tes
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 import bench_eval_passes  # noqa: E402
 import bench_model  # noqa: E402
+import timing  # noqa: E402
 
 
 def test_goal_verdicts_state_by_how_much_a_goal_is_missed():
@@ -125,7 +127,7 @@ def test_memory_children_run_with_a_fixed_mmap_threshold(monkeypatch):
 
     monkeypatch.setattr(bench_model.subprocess, "run", fake_run)
     assert bench_model.child("memory", "{}", 8, "ivpt_train_step") == 12.5
-    bench_model.child("timing", "{}", 1, 3, 10.0, 1.0)
+    bench_model.child("timing", "{}", 1, 3, 10.0)
     (memory_kind, memory_env), (timing_kind, timing_env) = calls
     assert memory_kind == "memory" and memory_env["MALLOC_MMAP_THRESHOLD_"] == "65536"
     assert timing_kind == "timing" and timing_env is None  # timings keep the allocator's default (speed) behaviour
@@ -256,3 +258,49 @@ def test_allocator_table_fails_an_impossible_ratio():
     assert "| `tuned` | 1.800 | 1.700 | 0.944 | 0 / 5 | 1/1, 2/0 |" in text  # the flagged 1.0 s is not the min
     assert "bare forward 1.06x, IVPT inference 1.18x" in text
     assert len(failures) == 1 and failures[0].startswith("tuned: IVPT inference / bare forward")
+
+
+def test_model_benchmark_times_lockstep_pairs_on_the_tiny_model(monkeypatch):
+    """bench_model's timing child on the tiny model (flagging off, so the load of a parallel test run cannot empty
+    it): every pair has a ratio from all its calls, IVPT's prototype heads make the tiny model's ratios clearly above
+    1, the A/A pair runs at batch 1 only, and the table shows the median seconds of each side and the intervals."""
+    monkeypatch.setattr(timing.ProcStatMonitor, "threshold", lambda self, seconds: math.inf)
+    times = bench_model.run_timing(bench_model.CONFIGS["tiny"], 1, 6, 600.0)
+    assert set(times["pairs"]) == {"inference", "train", "A/A"} and times["rounds"] == 6
+    assert "switches" in times["summary"] and int(times["summary"].split(" switches")[0].split()[-1]) > 6 * 8
+    for name, pair in times["pairs"].items():
+        assert pair["clean"] == 6 and pair["interval_95"][0] <= pair["ratio"] <= pair["interval_95"][1]
+    assert times["pairs"]["inference"]["ratio"] > 1.1 and times["pairs"]["train"]["ratio"] > 1.1
+    result = {"config": "tiny", "batch": 1, "timing": times,
+              "ratios": {key: times["pairs"][key]["ratio"] for key in bench_model.PAIRS}}
+    row = bench_model.markdown([result]).splitlines()[2]
+    inference = times["pairs"]["inference"]
+    bare_s, ivpt_s = bench_model.median_call(inference)
+    assert ivpt_s / bare_s >= inference["ratio"] and row.startswith(f"| tiny | 1 | {bare_s:.3f} | {ivpt_s:.3f} |")
+    assert f"{inference['ratio']:.3f} [{inference['interval_95'][0]:.3f}, " in row and "(range: < 6 calls)" not in row
+    assert "| 6/0, 6/0 | 6, " in row
+    batch_2 = bench_model.run_timing(bench_model.CONFIGS["tiny"], 2, 1, 600.0)
+    assert set(batch_2["pairs"]) == {"inference", "train"} and batch_2["rounds"] == 1
+
+
+def test_a_a_check_needs_its_interval_to_reach_one():
+    assert bench_model.a_a_consistent([0.94, 1.08]) and bench_model.a_a_consistent([1.005, 1.03])
+    assert not bench_model.a_a_consistent([1.02, 1.05]) and not bench_model.a_a_consistent([0.95, 0.985])
+
+
+def test_time_columns_show_the_median_call_whose_sides_agree_with_the_ratio():
+    """Session 12's batch-8 training pair: every call's ratio is near 1, and the medians of each side taken apart
+    (93.649 s bare, 91.838 s IVPT) would show IVPT below its backbone; the median call's two sides do not."""
+    bare = [94.774, 94.645, 88.895, 97.823, 93.649, 80.104, 78.073]
+    ivpt = [98.039, 94.678, 90.624, 98.811, 91.838, 79.920, 77.119]
+    ratios = [i / b for b, i in zip(bare, ivpt)]
+    pair = {"denominator_s": bare, "numerator_s": ivpt, "flagged_each": [False] * 7,
+            "ratio": statistics.median(ratios)}
+    assert statistics.median(ivpt) < statistics.median(bare)
+    assert bench_model.median_call(pair) == (94.645, 94.678)
+    cells = bench_model.pair_cell(pair, "denominator"), bench_model.pair_cell(pair, "numerator")
+    assert cells == ("94.645", "94.678")
+    even = {"denominator_s": bare[:6], "numerator_s": ivpt[:6], "flagged_each": [False] * 6,
+            "ratio": statistics.median(ratios[:6])}  # an even count: the call just above the median
+    above = min(r for r in ratios[:6] if r >= even["ratio"])
+    assert even["ratio"] < above and bench_model.median_call(even)[1] / bench_model.median_call(even)[0] == above

@@ -1,6 +1,7 @@
 """The benchmark timing method (bench/timing.py): flagging of disturbed repetitions, the stopping rule, the
-impossible-ratio failure, all with fake counters (no real timing)."""
+impossible-ratio failure and lockstep pairs, all with fake counters and clocks (no real timing)."""
 
+import itertools
 import math
 import sys
 from pathlib import Path
@@ -185,74 +186,116 @@ def test_impossible_ratio_fails_the_run_with_an_explanation():
         timing.require_not_faster("IVPT inference / bare forward", math.nan)
 
 
-def test_short_calls_are_repeated_to_a_minimum_repetition_time():
-    machine = FakeMachine()
-    calls = {"short": 0, "long": 0}
+class Steps:
+    """Side callables for a `Lockstep`: each step advances a shared fake clock by its side's step time, logs itself
+    and hits a switch point."""
 
-    def mode(name, seconds):
+    def __init__(self):
+        self.now, self.log = 0.0, []
+
+    def side(self, lockstep, name: str, step_s: float, steps: int, fail_at: int | None = None):
         def run():
-            calls[name] += 1
-            machine.work(seconds)()
+            for step in range(steps):
+                if step == fail_at:
+                    raise RuntimeError(f"{name} failed")
+                self.now += step_s
+                self.log.append(f"{name}{step}")
+                lockstep.switch()
+
         return run
 
-    result = timing.time_modes({"short": mode("short", 0.3), "long": mode("long", 2.0)}, min_rounds=3, max_rounds=3,
-                               min_repetition_s=1.0, monitor=machine.monitor(), clock=lambda: machine.now,
-                               before_each=lambda: None)
-    assert calls == {"short": 1 + 3 * 4, "long": 1 + 3 * 1}  # warm-up, then ceil(1.0 / 0.3) = 4 calls per repetition
-    assert result["short"].min == pytest.approx(0.3) and result["short"].to_json()["calls_per_repetition"] == 4
-    assert "each repetition >= 1 s" in result.rule
-    # the flag threshold applies to the whole repetition: 0.048 s foreign over 4 x 0.3 s is under 0.03 + 2 % of 1.2 s
-    repetition = machine.monitor().run(machine.work(0.3, foreign=0.012), calls=4)
-    assert not repetition.flagged and repetition.foreign_cpu_s == pytest.approx(0.048)
+
+def test_lockstep_sides_take_turns_and_each_is_timed_by_its_own_turns():
+    steps = Steps()
+    lockstep = timing.Lockstep(clock=lambda: steps.now)
+    seconds = lockstep.run(steps.side(lockstep, "a", 1.0, 3), steps.side(lockstep, "b", 2.0, 3))
+    assert steps.log == ["a0", "b0", "a1", "b1", "a2", "b2"] and seconds == (3.0, 6.0)
+    # a side with fewer switch points finishes; the other runs on alone (its switches no longer hand over)
+    steps.log.clear()
+    seconds = lockstep.run(steps.side(lockstep, "a", 1.0, 1), steps.side(lockstep, "b", 2.0, 4))
+    assert steps.log == ["a0", "b0", "b1", "b2", "b3"] and seconds == (1.0, 8.0)
+    lockstep.switch()  # outside a run: a no-op, no deadlock
+    with pytest.raises(RuntimeError, match="b failed"):
+        lockstep.run(steps.side(lockstep, "a", 1.0, 5), steps.side(lockstep, "b", 1.0, 5, fail_at=2))
 
 
-def test_a_ratio_close_to_one_keeps_the_rounds_going():
+def test_switch_points_hand_over_in_forward_and_backward_and_leave_results_unchanged():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(*[torch.nn.Linear(4, 4) for _ in range(3)])
+    inputs = torch.randn(2, 4, requires_grad=True)
+    layers(inputs).square().sum().backward()
+    expected = inputs.grad.clone()
+    inputs.grad = None
+    lockstep = timing.Lockstep()
+    handles = lockstep.add_switch_points(layers)
+    order = []
+
+    def train():
+        layers(inputs).square().sum().backward()
+        order.append("train done")
+
+    def infer():
+        with torch.no_grad():
+            for layer in layers:
+                layer(torch.zeros(1, 4))
+                order.append("infer layer")
+
+    lockstep.run(train, infer)
+    # 3 forward and 2 backward switch points on the training side (the first layer's input is a leaf), 3 on the
+    # inference side: the inference side's layers ran between the training side's forward layers, not after its
+    # backward
+    assert order.index("train done") == 3 and lockstep.switches >= 5
+    assert torch.equal(inputs.grad, expected)
+    for handle in handles:
+        handle.remove()
+    before, order[:] = lockstep.switches, []
+    lockstep.run(train, infer)  # no switch points left: the first side runs to its end before the second starts
+    assert lockstep.switches == before and order == ["train done"] + ["infer layer"] * 3
+
+
+def test_median_interval_uses_binomial_order_statistics():
+    values = [1.0 + i / 100 for i in (5, 0, 9, 1, 8, 2, 7, 3, 6, 4)]  # 1.00 .. 1.09 shuffled
+    # n = 10: P(Bin(10, 1/2) <= 1) = 11/1024 <= 2.5 % < P(<= 2) = 56/1024, so x(2) and x(9)
+    assert timing.median_interval(values) == pytest.approx((1.01, 1.08))
+    assert timing.median_interval(values[:5]) == pytest.approx((1.0, 1.09))  # below 6 values: the whole range
+    assert timing.median_interval([1.5]) == (1.5, 1.5)
+    assert all(math.isnan(v) for v in timing.median_interval([]))
+
+
+def test_time_lockstep_alternates_the_starting_side_excludes_flagged_calls_and_stops_when_narrow():
     machine = FakeMachine()
-    guards = {"ivpt / bare": (("ivpt",), ("bare",))}
-    close = timing.time_modes({"bare": machine.work(1.0), "ivpt": machine.work(1.005)}, min_rounds=3, max_rounds=7,
-                              guards=guards, monitor=machine.monitor(), before_each=lambda: None, warmup=False)
-    assert close.rounds == 7 and "ivpt / bare within 2% of 1, so all rounds run" in close.stop_reason
-    assert "ivpt / bare >= 1.02" in close.rule
-    clear = timing.time_modes({"bare": machine.work(1.0), "ivpt": machine.work(1.05)}, min_rounds=3, max_rounds=7,
-                              guards=guards, monitor=machine.monitor(), before_each=lambda: None, warmup=False)
-    assert clear.rounds == 3 and clear.stop_reason == "min stable"
-    assert timing.guarded_ratios({"train": (("t",), ("a", "b"))}, {"t": 3.0, "a": 1.0, "b": 2.0}) == {"train": 1.0}
-    with pytest.raises(ValueError, match="not timed: \\['nope'\\]"):
-        timing.time_modes({"bare": machine.work(1.0)}, guards={"x": (("nope",), ("bare",))})
+    started = []
 
+    def side(name, seconds, foreign_in_call=None):
+        calls = {"n": 0}
 
-def test_paired_round_ratios_use_rounds_where_every_mode_involved_was_clean():
-    modes = {"ivpt": {"all_s": [2.1, 2.2, 9.0, 2.0], "flagged_each": [False, False, True, False]},
-             "bare": {"all_s": [2.0, 2.0, 2.0, 2.0], "flagged_each": [False, False, False, False]},
-             "bwd": {"all_s": [4.0, 5.0, 4.0, 4.0], "flagged_each": [False, True, False, False]}}
-    assert timing.paired_round_ratios(modes, ("ivpt",), ("bare",)) == pytest.approx([1.05, 1.1, 1.0])
-    assert timing.paired_round_ratios(modes, ("ivpt",), ("bwd", "bare")) == pytest.approx([2.1 / 6, 2.0 / 6])
-    machine = FakeMachine()
-    monitor = machine.monitor()
-    result = timing.time_modes({"ivpt": machine.work(1.0), "bare": machine.work(1.0, foreign=0.5)}, min_rounds=2,
-                               max_rounds=2, monitor=monitor, clock=lambda: machine.now, before_each=lambda: None)
-    modes = result.to_json()["modes"]
-    assert modes["bare"]["flagged_each"] == [True, True] and timing.paired_round_ratios(modes, ("ivpt",), ("bare",)) == []
+        def run():
+            calls["n"] += 1
+            started.append(name)
+            machine.work(seconds, foreign=0.5 if calls["n"] == foreign_in_call else 0.0)()
 
+        return run
 
-def test_a_ratio_below_one_runs_extra_rounds_until_the_floor_is_reached():
-    machine = FakeMachine()
-    guards = {"ivpt / bare": (("ivpt",), ("bare",))}
-    kwargs = dict(guards=guards, monitor=machine.monitor(), before_each=lambda: None, warmup=False)
-    # a ratio that stays below 1: the rounds go on to impossible_max_rounds, and the reason says so
-    stuck = timing.time_modes({"bare": machine.work(1.0), "ivpt": machine.work(0.99)}, min_rounds=2, max_rounds=3,
-                              impossible_max_rounds=5, **kwargs)
-    assert stuck.rounds == 5 and "ivpt / bare < 1, and impossible_max_rounds (5) too" in stuck.stop_reason
-    assert "(5 while a guarded ratio is < 1)" in stuck.rule
-    calls = {"bare": 0}
-
-    def bare():  # the first 4 calls run at 0.995 (not yet at the floor), later ones at the floor 0.98
-        calls["bare"] += 1
-        machine.work(0.995 if calls["bare"] <= 4 else 0.98)()
-
-    # ivpt 0.99 over bare 0.995 is below 1 at max_rounds (3); the 5th round brings the bare min to its floor
-    recovering = timing.time_modes({"bare": bare, "ivpt": machine.work(0.99)}, min_rounds=2, max_rounds=3, **kwargs)
-    assert recovering.rounds == 5 and recovering["bare"].min == pytest.approx(0.98)
-    assert "2 more rounds until every guarded ratio was >= 1" in recovering.stop_reason
-    with pytest.raises(ValueError, match="impossible_max_rounds \\(2\\) >= max_rounds \\(3\\)"):
-        timing.time_modes({"bare": machine.work(1.0)}, max_rounds=3, impossible_max_rounds=2)
+    lockstep = timing.Lockstep(clock=lambda: machine.now)
+    pairs = {"ivpt / bare": (side("bare", 1.0), side("ivpt", 1.02, foreign_in_call=2))}
+    timings, rounds, reason, rule = timing.time_lockstep(pairs, lockstep, min_rounds=3, max_rounds=10,
+                                                         monitor=machine.monitor(), before_each=lambda: None,
+                                                         clock=lambda: machine.now)
+    pair = timings["ivpt / bare"]
+    assert started[:4] == ["bare", "ivpt", "ivpt", "bare"]  # round 2 starts with the other side
+    assert [r.flagged for r in pair.repetitions][:3] == [False, True, False]  # ivpt's 2nd call was disturbed
+    assert rounds == 7 and reason == "every interval narrow"  # 6 clean calls are needed for a 95 % interval
+    assert pair.ratios == pytest.approx([1.02] * 6) and pair.ratio == pytest.approx(1.02)
+    assert pair.to_json()["clean"] == 6 and pair.to_json()["flagged"] == 1
+    assert "within 1% of it; at most 10 rounds" in rule
+    # a wide interval runs to max_rounds; a time cap stops earlier
+    levels = itertools.cycle([1.0, 1.1, 1.2])
+    noisy = {"x": (machine.work(1.0), lambda: machine.work(next(levels))())}
+    _, rounds, reason, _ = timing.time_lockstep(noisy, lockstep, min_rounds=3, max_rounds=8, monitor=machine.monitor(),
+                                                before_each=lambda: None, clock=lambda: machine.now)
+    assert rounds == 8 and reason == "max_rounds (8) reached"
+    _, rounds, reason, _ = timing.time_lockstep(noisy, lockstep, min_rounds=3, max_rounds=8, max_seconds=5,
+                                                monitor=machine.monitor(), before_each=lambda: None,
+                                                clock=lambda: machine.now)
+    assert rounds == 3 and reason == "time cap (5 s) reached"
