@@ -45,9 +45,10 @@ The method, in full:
    median of the per-call ratios, with its distribution-free 95 % interval (`median_interval`); an A/A pair (the
    same callable on both sides) shows the method's own bias. Each side runs somewhat slower than alone (the other
    side's turn evicts caches, and each thread has its own OpenMP team), which is why absolute times come from the
-   lockstep calls only as a record, not as the cost on an idle machine. **Known bias (session 12):** in two runs the
-   A/A pair's median was 0.986-0.987, and 0.976-0.981 over the rounds in which the numerator side started first
-   against 0.993-1.008 when the denominator side did; the cause of this 1-2 % order effect is not found yet.
+   lockstep calls only as a record, not as the cost on an idle machine.
+   **Known bias (session 12):** each process carries an offset of its own between the two sides, of either sign and up
+   to about 1.5 % (A/A medians 0.986, 0.987 and 1.014 in three processes, the last with an interval excluding 1),
+   which its own interval does not cover; per-thread memory state (glibc arenas, OpenMP teams) is the first suspect.
 
 `ProcStatMonitor` takes its two readers as arguments, so the flagging logic is tested with fake counters.
 """
