@@ -32,7 +32,6 @@ import copy
 import json
 import os
 import resource
-import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -116,7 +115,7 @@ def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: fl
     model, modes = build(config_kwargs, batch)
     lockstep = timing.Lockstep()
     lockstep.add_switch_points([*model.ivpt.backbone.blocks, *modes["bare_forward"].backbone.blocks])
-    pairs = dict(PAIRS, **dict([CHECK_PAIR])) if batch == 1 else PAIRS
+    pairs = {**PAIRS, CHECK_PAIR[0]: CHECK_PAIR[1]} if batch == 1 else PAIRS
     callables = {name: (sequence(modes, denominator), sequence(modes, numerator))
                  for name, (denominator, numerator) in pairs.items()}
     for denominator, numerator in callables.values():  # warm-up, outside lockstep
