@@ -13,9 +13,10 @@ keeps the pairs identical).
 
 Timings: lockstep pairs (bench/timing.py, point 6): each ratio's two sides (e.g. the bare forward and IVPT
 inference) run in two threads that take turns before every transformer block and after every block's input gradient,
-so a machine whose speed swings by +-15 % within seconds slows both alike; the ratio is the median over the calls,
-with its 95 % interval; calls disturbed by other processes are flagged and excluded; rounds go on until every
-interval is within 1 % of its median (or `--max_rounds`, `--max_seconds`). The bare side runs a copy of the
+so a machine whose speed swings by +-15 % within seconds slows both alike. A round is two calls, each side once on
+each of the two threads (a thread's lasting offset cancels); the ratio is the median over the rounds of IVPT seconds /
+bare seconds, with its 95 % interval; rounds disturbed by other processes are flagged and excluded; rounds go on until
+every interval is within 1 % of its median (or `--max_rounds`, `--max_seconds`). The bare side runs a copy of the
 backbone (equal weights), so the two threads share no module. At batch 1 an A/A pair (the bare forward on both sides)
 checks the method: its 95 % interval must reach 1 +- 1 %. Goals (ViT-B/14 reg4 at 518 px):
 inference <= 1.03x the bare forward; training step <= 1.05x (bare forward+backward + bare forward); training-step
@@ -113,22 +114,21 @@ def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: fl
     """The pairs of `PAIRS` (and the A/A check at batch 1) timed in lockstep, a switch point before every block of
     both models (bench/timing.py, point 6)."""
     model, modes = build(config_kwargs, batch)
-    lockstep = timing.Lockstep()
-    lockstep.add_switch_points([*model.ivpt.backbone.blocks, *modes["bare_forward"].backbone.blocks])
     pairs = {**PAIRS, CHECK_PAIR[0]: CHECK_PAIR[1]} if batch == 1 else PAIRS
     callables = {name: (sequence(modes, denominator), sequence(modes, numerator))
                  for name, (denominator, numerator) in pairs.items()}
     for denominator, numerator in callables.values():  # warm-up, outside lockstep
         denominator(), numerator()
-    timings, rounds, stop_reason, rule = timing.time_lockstep(
-        callables, lockstep, min_rounds=min(5, max_rounds), max_rounds=max_rounds, max_seconds=max_seconds,
-        log=lambda line: print(line, file=sys.stderr, flush=True))
-    clean = sum(len(t.ratios) for t in timings.values())
-    flagged = sum(len(t.sides) for t in timings.values()) - clean
-    summary = (f"{rounds} lockstep rounds; {clean} clean / {flagged} flagged calls; stopped: {stop_reason}; "
-               f"{lockstep.switches} switches")
-    return {"pairs": {name: t.to_json() for name, t in timings.items()}, "rounds": rounds,
-            "stop_reason": stop_reason, "rule": rule, "summary": summary}
+    with timing.Lockstep() as lockstep:
+        lockstep.add_switch_points([*model.ivpt.backbone.blocks, *modes["bare_forward"].backbone.blocks])
+        timings, rounds, stop_reason, rule = timing.time_lockstep(
+            callables, lockstep, min_rounds=min(5, max_rounds), max_rounds=max_rounds, max_seconds=max_seconds,
+            log=lambda line: print(line, file=sys.stderr, flush=True))
+    pairs_json = {name: t.to_json() for name, t in timings.items()}
+    clean, flagged = (sum(pair[key] for pair in pairs_json.values()) for key in ("clean", "flagged"))
+    summary = (f"{rounds} lockstep rounds of two calls a pair; {clean} clean / {flagged} flagged rounds; stopped: "
+               f"{stop_reason}; {lockstep.switches} switches")
+    return {"pairs": pairs_json, "rounds": rounds, "stop_reason": stop_reason, "rule": rule, "summary": summary}
 
 
 def run_flops(config_kwargs: dict) -> dict:
@@ -181,7 +181,7 @@ def measure(name: str, batch: int, max_rounds: int, max_seconds: float, memory: 
         }
     for key in PAIRS:  # the sanity rule: IVPT contains its backbone
         try:
-            timing.require_not_faster(f"{name} batch {batch}: {key} ratio (median of the lockstep calls)",
+            timing.require_not_faster(f"{name} batch {batch}: {key} ratio (median of the lockstep rounds)",
                                       ratios[key], times["summary"])
         except timing.ImpossibleRatioError as error:
             result.setdefault("failures", []).append(str(error))
@@ -217,9 +217,9 @@ def goal_cell(name: str, key: str, ratios: dict) -> str:
 
 
 def median_call(pair: dict) -> tuple[float, float] | None:
-    """(denominator, numerator) seconds of the clean call whose ratio is the median, or the next above it for an even
-    count: one call's two sides, so the time columns agree with the ratio column (medians of each side taken apart
-    would mix calls, and can put IVPT below its backbone while every call has it above)."""
+    """(denominator, numerator) seconds of the clean round whose ratio is the median, or the next above it for an even
+    count: one round's two sides, so the time columns agree with the ratio column (medians of each side taken apart
+    would mix rounds, and can put IVPT below its backbone while every round has it above)."""
     calls = [(d, n) for d, n, flagged in zip(pair["denominator_s"], pair["numerator_s"], pair["flagged_each"])
              if not flagged]
     above = [call for call in calls if call[1] / call[0] >= pair["ratio"]]
@@ -233,15 +233,16 @@ def pair_cell(pair: dict, side: str) -> str:
 
 def interval_cell(pair: dict) -> str:
     low, high = pair["interval_95"]
-    return f"[{low:.3f}, {high:.3f}]" + (" (range: < 6 calls)" if pair["clean"] < 6 else "")
+    return f"[{low:.3f}, {high:.3f}]" + (" (range: < 6 rounds)" if pair["clean"] < 6 else "")
 
 
 def markdown(results: list[dict]) -> str:
     lines = [
-        "| config | batch | bare fwd (s) | IVPT inference (s) | bare fwd+bwd + bare fwd (s) | IVPT train step (s) "
+        "| config | batch | bare fwd (s a round) | IVPT inference (s a round) | bare fwd+bwd + bare fwd (s a round) "
+        "| IVPT train step (s a round) "
         "| inference / bare fwd [95 % interval] | train / (bare fwd+bwd + bare fwd) [95 % interval] "
         "| train-step peak RSS / bare fwd+bwd | FLOP ratio inference / train | A/A check [95 % interval] "
-        "| clean/flagged calls (inference, train) | rounds, stop |",
+        "| clean/flagged rounds (inference, train) | rounds, stop |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -265,15 +266,16 @@ def markdown(results: list[dict]) -> str:
             f"{pairs['train']['clean']}/{pairs['train']['flagged']} "
             f"| {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
         )
-    lines += ["", "Ratios: median over the clean lockstep calls of (IVPT side / bare side), with the distribution-free "
-              "95 % interval of that median; times: both sides of the call whose ratio is that median (the next above "
-              "it for an even count), a record of one call: in lockstep each side runs slower than alone, and at "
-              "batch 8 the two sides' activations are alive together. "
-              "Lockstep: the two sides of a ratio run in two threads that take turns before every transformer block "
-              "and after every block's input gradient, so the machine's slowdowns fall on both alike; A/A: the bare "
-              "forward on both sides (the method's own bias, batch 1). Calls during which other processes used the "
-              "CPU are flagged and excluded (`bench/timing.py`). Peak RSS: growth over one step, each mode in a "
-              "fresh process, glibc mmap threshold fixed at 64 KiB (peak RSS = peak of live memory). "
+    lines += ["", "Lockstep: the two sides of a ratio run in two threads that take turns before every transformer "
+              "block and after every block's input gradient, so the machine's slowdowns fall on both alike; a round "
+              "is two calls, each side once on each thread. Ratios: median over the clean rounds of (IVPT seconds / "
+              "bare seconds, each summed over the round), with the distribution-free 95 % interval of that median; "
+              "times: both sides of the round whose ratio is that median (the next above it for an even count), a "
+              "record of two calls: in lockstep each side runs slower than alone, and at batch 8 the two sides' "
+              "activations are alive together. A/A: the bare forward on both sides (the method's own bias, batch 1). "
+              "Rounds during which other processes used the CPU are flagged and excluded (`bench/timing.py`). "
+              "Peak RSS: growth over one step, each mode in a fresh process, glibc mmap threshold fixed at 64 KiB "
+              "(peak RSS = peak of live memory). "
               + (results[0]["timing"]["rule"] if results else "") + "."]
     return "\n".join(lines)
 

@@ -5,8 +5,9 @@ the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads, fp32).
 
 Every point runs bench/bench_model.py's measurement in its own subprocess: the training step and its bare
 side timed as a lockstep pair on bench/timing.py (two threads taking turns before every transformer block, so the
-machine's swings fall on both; median ratio over the calls with its 95 % interval; disturbed calls flagged and
-excluded; a ratio below 1 fails the run), peak RSS growth of the training modes in fresh processes, FLOPs.
+machine's swings fall on both; a round is two calls, each side once on each thread; median ratio over the rounds with
+its 95 % interval; disturbed rounds flagged and excluded; a ratio below 1 fails the run), peak RSS growth of the
+training modes in fresh processes, FLOPs.
 `time overhead` = IVPT training step / (bare forward+backward + bare forward) - 1: what the prototype machinery adds
 on top of the two backbone passes a training step cannot avoid; `FLOP overhead` is the same ratio in counted FLOPs.
 518 px is the `model` section (bench_model.py).
@@ -44,9 +45,10 @@ def main():
     parser.add_argument("--max_seconds", type=float, default=120, help="cap on the timed rounds of one point")
     parser.add_argument("--json")
     args = parser.parse_args()
-    header = ("| {} | bare fwd+bwd + fwd (s) | IVPT train step (s) | time overhead [95 % interval of the ratio] "
+    header = ("| {} | bare fwd+bwd + fwd (s a round) | IVPT train step (s a round) "
+              "| time overhead [95 % interval of the ratio] "
               "| FLOP overhead | bare fwd+bwd peak RSS growth (MiB) | IVPT step peak RSS growth (MiB) "
-              "| clean/flagged calls | rounds |\n|---|---|---|---|---|---|---|---|---|")
+              "| clean/flagged rounds | rounds |\n|---|---|---|---|---|---|---|---|---|")
     results = {"image_size": {}, "n_pro": {}}
     lines = ["Image size (n_pro 17,14,11,8,5):", "", header.format("image size")]
     for size in [int(s) for s in args.image_sizes.split(",") if s]:
@@ -61,7 +63,7 @@ def main():
         print(lines[-1], flush=True)
     any_result = next(iter(results["image_size"].values()), None) or next(iter(results["n_pro"].values()))
     lines += ["", "Lockstep pairs (`bench/bench_model.py`, `bench/timing.py` point 6): time overhead = median over the "
-              "clean calls of IVPT step / bare side - 1; times: both sides of the call whose ratio is that median "
+              "clean rounds of IVPT step / bare side - 1; times: both sides of the round whose ratio is that median "
               "(slower in lockstep than alone). " + any_result["timing"]["rule"] + "."]
     failures = [failure for group in results.values() for result in group.values()
                 for failure in result.get("failures", [])]

@@ -1,20 +1,20 @@
-"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 80 minutes on 2 idle cores).
+"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 100 minutes on 2 cores).
 
     python bench/run_all.py [--only model,profile,profile_batch8,allocator,speed,scaling,eval_passes,eval,data,trainer]
                             [--gpu_json gpu_bench.json] [--gpu_profile_json profile.json]
                             [--demo_report demo_output/report/report.md]
 
-Sections, with the minutes each took (2 cores of an AVX2 EPYC, 2026-12-04): model cost and goals at batch 1 and 8
-(bench_model.py, 40-45 in session 12: the pairs timed in lockstep, 16 rounds at batch 1, a 1500 s cap that allowed 7
-rounds at batch 8, plus a fresh process per mode for memory), speed features (bench_speed.py, 11: inductor
-compiling, and bf16 on a CPU without native bf16 runs 60 s training steps), profile of the extra time and per-block
-times (profile_model.py --per_block, 1), the same for inference at batch 8, where the inference goal is hardest to
-measure (5), page faults under two glibc settings (bench_allocator.py, 11: four processes at batch 8), scaling
-(bench_scaling.py, 10 before its pairs were timed in lockstep: up to 10 rounds or 120 s a point; 224 px is the n_pro
-17,14,11,8,5 row, 518 px the model section), evaluation backbone passes (bench_eval_passes.py, <1), evaluation
-throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead (bench_trainer.py, 2). Two halves of
-~40 minutes: `--only model` and the rest. Also the demo's report (when `make demo` has run) and the GPU figures of
-bench/gpu.sh (`--gpu_json`) and bench/profile_gpu.py (`--gpu_profile_json`).
+Sections, with the minutes each took (2 cores of an AVX2 EPYC, 2026-12-04/05): model cost and goals at batch 1 and 8
+(bench_model.py, 53 in session 13: the pairs timed in lockstep, rounds of two calls a pair, 16 rounds at batch 1 in
+18 minutes, a 1500 s cap that allowed 5 rounds at batch 8, plus a fresh process per mode for memory), speed features
+(bench_speed.py, 11: inductor compiling, and bf16 on a CPU without native bf16 runs 60 s training steps), profile of
+the extra time and per-block times (profile_model.py --per_block, 1), the same for inference at batch 8, where the
+inference goal is hardest to measure (5), page faults under two glibc settings (bench_allocator.py, 11: four
+processes at batch 8), scaling (bench_scaling.py, 13: lockstep rounds, up to 10 rounds or 120 s a point; 224 px is
+the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes (bench_eval_passes.py, <1),
+evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead (bench_trainer.py, 2). Two parts:
+`--only model` (~55 minutes) and the rest (~45). Also the demo's report (when `make demo` has run) and the GPU
+figures of bench/gpu.sh (`--gpu_json`) and bench/profile_gpu.py (`--gpu_profile_json`).
 Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every section; a section that fails
 (e.g. an impossible ratio on a busy machine) is written with its table and the reason when its script got that far,
 else keeps its previous text; the run goes on and exits non-zero at the end.
@@ -119,6 +119,13 @@ def split_sections(text: str) -> dict[str, str]:
     return {parts[i]: parts[i + 1].rstrip("\n") + "\n" for i in range(1, len(parts) - 1, 2)}
 
 
+def demo_section(report: Path) -> str:
+    """The demo's report under a heading dated when `make demo` wrote it (not when this run copied it)."""
+    written = datetime.datetime.fromtimestamp(report.stat().st_mtime, datetime.timezone.utc).date().isoformat()
+    body = report.read_text().split("\n", 1)[1]  # the report's own title line is replaced
+    return f"## `make demo` quality ({written}; {machine()})\n{body}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SECTIONS))
@@ -134,8 +141,7 @@ def main():
         parser.error(f"--only: unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
     demo = Path(args.demo_report)
     if demo.exists():
-        body = demo.read_text().split("\n", 1)[1]
-        sections["demo"] = f"## `make demo` quality ({datetime.date.today().isoformat()}; {machine()})\n{body}"
+        sections["demo"] = demo_section(demo)
     if args.gpu_json:
         sections["gpu"] = gpu_section(Path(args.gpu_json), "GPU", "bash bench/gpu.sh")
     if args.gpu_profile_json:

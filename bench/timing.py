@@ -41,14 +41,25 @@ The method, in full:
    slowdowns of a second or more fall on both sides alike; each side's time is the sum of its turns. On the shared
    2-core VM of session 12, where 0.1-s matrix products on each core varied by +-15 % even when averaged over 5 s,
    independently on the two cores, the per-call ratio of the batch-1 inference pair varied with a standard
-   deviation of 3 % in lockstep against 12 % for the same two calls run one after the other. The statistic is the
-   median of the per-call ratios, with its distribution-free 95 % interval (`median_interval`); an A/A pair (the
-   same callable on both sides) shows the method's own bias. Each side runs somewhat slower than alone (the other
-   side's turn evicts caches, and each thread has its own OpenMP team), which is why absolute times come from the
-   lockstep calls only as a record, not as the cost on an idle machine.
-   **Known bias (session 12):** each process carries an offset of its own between the two sides, of either sign and up
-   to about 1.5 % (A/A medians 0.986, 0.987 and 1.014 in three processes, the last with an interval excluding 1),
-   which its own interval does not cover; per-thread memory state (glibc arenas, OpenMP teams) is the first suspect.
+   deviation of 3 % in lockstep against 12 % for the same two calls run one after the other.
+   **Balanced rounds.** The same two threads serve every call (`Lockstep`), and a round makes two calls of a pair, each
+   side once on each thread (which call comes first alternates from round to round). The ratio of a round is numerator
+   seconds / denominator seconds, each summed over its two calls: a lasting factor that slows one thread multiplies both
+   sums alike and cancels. The statistic is the median of the round ratios, with its distribution-free 95 % interval
+   (`median_interval`); an A/A pair (the same callable on both sides) shows the method's own bias, and
+   `PairTiming.thread_factor` the factor that cancelled. Why: in session 12 every call made two new threads and the
+   ratio was taken per call; three A/A processes gave medians of 0.986, 0.987 and 1.014, the last with an interval of
+   [1.002, 1.023], excluding 1 and the other two: an offset of either sign, lasting for a whole process, between two
+   identical callables. New threads get their glibc arena and OpenMP team anew, and the order in which they ended can
+   hand the same state to the same callable call after call. With persistent threads and balanced rounds, three A/A
+   processes at batch 1 (518 px, 10 rounds each, session 13) gave 0.998 [0.990, 1.025], 0.991 [0.977, 1.025] and 1.006
+   [0.990, 1.020], and thread factors of 1.017, 1.009 and 1.010: the starting thread ran 1-2 % slower in every process,
+   a bias each call carried and each round cancelled.
+   In session 13's model run the batch-1 A/A check gave 0.996 [0.989, 1.004]; at batch 8, four of the training pair's
+   five rounds lay below 1 (0.981-0.998) where IVPT adds a few tenths of a percent, so a bias of up to about 1 % at
+   batch 8 (where no A/A pair runs: 80 s a call) is not excluded.
+   Each side runs somewhat slower than alone (the other side's turn evicts caches, and each thread has its own OpenMP
+   team), which is why absolute times come from the lockstep calls only as a record, not as the cost on an idle machine.
 
 `ProcStatMonitor` takes its two readers as arguments, so the flagging logic is tested with fake counters.
 """
@@ -59,6 +70,7 @@ import gc
 import json
 import math
 import os
+import queue
 import random
 import statistics
 import sys
@@ -378,13 +390,21 @@ class Lockstep:
     """Runs two callables in two threads that take turns: at every switch point (`switch()`, called from hooks that
     `add_switch_points` puts on modules) the running side stops its clock and hands the CPU to the other side, which
     runs to its own next switch point. Only one side runs at a time; each side's time is the sum of its own turns.
-    A side whose switch points are used up runs on alone; one that raises stops the run (re-raised by `run`)."""
+    A side whose switch points are used up runs on alone; one that raises stops the run (re-raised by `run`).
+
+    The two threads are started once and serve every `run` (side 0 always on the first thread, which starts): each
+    keeps its own OpenMP team and glibc arena from call to call. With threads made anew for each call, an arena
+    followed whichever callable had run last into the next call, giving one callable of a pair a lasting offset of
+    its own (module docstring, point 6); a thread's lasting offset cancels in `time_lockstep`'s balanced rounds."""
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):
         self.clock = clock
         self._turn_changed = threading.Condition()
         self._local = threading.local()
         self._turn, self._done, self._elapsed = 0, [True, True], [0.0, 0.0]
+        self._jobs = (queue.SimpleQueue(), queue.SimpleQueue())
+        self._finished: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self.switches = 0
 
     def _take_turn(self, side: int) -> None:
@@ -408,31 +428,48 @@ class Lockstep:
         self._hand_over(side)
         self._take_turn(side)
 
-    def run(self, first: Callable[[], object], second: Callable[[], object]) -> tuple[float, float]:
-        """Runs `first` (it starts) and `second` in lockstep; returns each one's seconds."""
-        self._turn, self._done, self._elapsed = 0, [False, False], [0.0, 0.0]
-        errors: list[BaseException] = []
-
-        def side_main(side: int, function: Callable[[], object]) -> None:
-            self._local.side = side
+    def _serve(self, side: int) -> None:
+        """A side's thread: runs each callable put in its queue, until it gets None."""
+        while (function := self._jobs[side].get()) is not None:
+            self._local.side, error = side, None
             self._take_turn(side)
             try:
                 function()
-            except BaseException as error:  # noqa: BLE001 - re-raised in the calling thread
-                errors.append(error)
+            except BaseException as raised:  # noqa: BLE001 - re-raised in the calling thread
+                error = raised
             finally:
                 self._local.side = None
                 self._hand_over(side, finished=True)
+                self._finished.put(error)
 
-        threads = [threading.Thread(target=side_main, args=(side, function), name=f"lockstep-{side}")
-                   for side, function in enumerate((first, second))]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+    def run(self, first: Callable[[], object], second: Callable[[], object]) -> tuple[float, float]:
+        """Runs `first` (it starts, on the first thread) and `second` in lockstep; returns each one's seconds."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._serve, args=(side,), name=f"lockstep-{side}", daemon=True)
+                             for side in (0, 1)]
+            for thread in self._threads:
+                thread.start()
+        self._turn, self._done, self._elapsed = 0, [False, False], [0.0, 0.0]
+        for side, function in enumerate((first, second)):
+            self._jobs[side].put(function)
+        errors = [error for error in (self._finished.get(), self._finished.get()) if error is not None]
         if errors:
             raise errors[0]
         return self._elapsed[0], self._elapsed[1]
+
+    def close(self) -> None:
+        """Ends the two threads (a later `run` starts new ones)."""
+        for jobs in self._jobs:
+            jobs.put(None)
+        for thread in self._threads:
+            thread.join()
+        self._threads = []
+
+    def __enter__(self) -> "Lockstep":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def add_switch_points(self, modules) -> list:
         """A switch point before each of `modules` runs forward and, when its input is computed by autograd (not a
@@ -467,17 +504,27 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
 
 @dataclass
 class PairTiming:
-    """The lockstep calls of one pair: `sides[i]` = (denominator seconds, numerator seconds) of call i."""
+    """The lockstep calls of one pair, two per round: `sides[i]` = (denominator seconds, numerator seconds) of call i,
+    `numerator_thread[i]` = the thread (0 starts) the numerator ran on. The two calls of a round put each side on
+    each thread once."""
 
     name: str
     sides: list[tuple[float, float]] = field(default_factory=list)
+    numerator_thread: list[int] = field(default_factory=list)
     repetitions: list[Repetition] = field(default_factory=list)  # the flag check of each call (both sides)
+
+    def round_sides(self) -> list[tuple[tuple[float, float], bool]]:
+        """((denominator seconds, numerator seconds) summed over the round's two calls, flagged) of every complete
+        round; a round is flagged when either call is."""
+        return [((self.sides[i][0] + self.sides[i + 1][0], self.sides[i][1] + self.sides[i + 1][1]),
+                 self.repetitions[i].flagged or self.repetitions[i + 1].flagged)
+                for i in range(0, len(self.sides) - 1, 2)]
 
     @property
     def ratios(self) -> list[float]:
-        """numerator / denominator of every clean call."""
-        return [numerator / denominator for (denominator, numerator), repetition in zip(self.sides, self.repetitions)
-                if not repetition.flagged]
+        """numerator / denominator seconds of every clean round (each side's two calls summed): a factor that slows
+        one thread multiplies both sides' sums alike (one call each on it), so it cancels."""
+        return [numerator / denominator for (denominator, numerator), flagged in self.round_sides() if not flagged]
 
     @property
     def ratio(self) -> float:
@@ -486,17 +533,31 @@ class PairTiming:
     def interval(self) -> tuple[float, float]:
         return median_interval(self.ratios)
 
-    def side_seconds(self, side: int) -> list[float]:
-        return [s[side] for s, r in zip(self.sides, self.repetitions) if not r.flagged]
+    def thread_factor(self) -> float:
+        """Median over the clean rounds of sqrt(call ratio with the numerator on thread 0 / with it on thread 1): how
+        much slower the starting thread ran than the other (1: alike), the lasting offset the rounds cancel."""
+        factors = []
+        for i in range(0, len(self.sides) - 1, 2):
+            calls = [(self.numerator_thread[j], self.sides[j][1] / self.sides[j][0]) for j in (i, i + 1)
+                     if not self.repetitions[j].flagged]
+            if len(calls) == 2:
+                on = dict(calls)
+                factors.append(math.sqrt(on[0] / on[1]))
+        return statistics.median(factors) if factors else float("nan")
 
     def to_json(self) -> dict:
         low, high = self.interval()
+        rounds = self.round_sides()
         return {"ratio": self.ratio, "interval_95": [low, high], "ratios": self.ratios,
-                "clean": len(self.ratios), "flagged": sum(r.flagged for r in self.repetitions),
-                "denominator_s": [s[0] for s in self.sides], "numerator_s": [s[1] for s in self.sides],
-                "flagged_each": [r.flagged for r in self.repetitions],
-                "foreign_cpu_s": [r.foreign_cpu_s for r in self.repetitions],
-                "steal_cpu_s": [r.steal_cpu_s for r in self.repetitions]}
+                "clean": len(self.ratios), "flagged": sum(flagged for _, flagged in rounds),
+                "thread_factor": self.thread_factor(),
+                "denominator_s": [s[0] for s, _ in rounds], "numerator_s": [s[1] for s, _ in rounds],
+                "flagged_each": [flagged for _, flagged in rounds],
+                "calls": {"denominator_s": [s[0] for s in self.sides], "numerator_s": [s[1] for s in self.sides],
+                          "numerator_thread": self.numerator_thread,
+                          "flagged": [r.flagged for r in self.repetitions],
+                          "foreign_cpu_s": [r.foreign_cpu_s for r in self.repetitions],
+                          "steal_cpu_s": [r.steal_cpu_s for r in self.repetitions]}}
 
 
 def time_lockstep(
@@ -513,10 +574,11 @@ def time_lockstep(
     clock: Callable[[], float] = time.perf_counter,
     log: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, PairTiming], int, str, str]:
-    """Times each pair `name: (denominator, numerator)` in lockstep (module docstring, point 6), once per round, pairs
-    in a shuffled order, the side that starts alternating from round to round; each call is flag-checked as a whole.
-    Stops after >= `min_rounds` rounds once every pair's 95 % interval of the median ratio is within `half_width` of
-    it, else at `max_rounds` or when `max_seconds` is spent. Returns (pairs, rounds, stop reason, rule)."""
+    """Times each pair `name: (denominator, numerator)` in lockstep (module docstring, point 6): per round, pairs in
+    a shuffled order, two calls each, one with the numerator on the starting thread and one with the denominator
+    there (which comes first alternates from round to round); each call is flag-checked as a whole. Stops after
+    >= `min_rounds` rounds once every pair's 95 % interval of the median ratio is within `half_width` of it, else at
+    `max_rounds` or when `max_seconds` is spent. Returns (pairs, rounds, stop reason, rule)."""
     rule = (f"stop after >= {min_rounds} rounds once every ratio's 95 % interval of the median is within "
             f"{half_width:.0%} of it; " + round_limits(min_rounds, max_rounds, max_seconds))
     monitor = monitor or ProcStatMonitor()
@@ -527,22 +589,24 @@ def time_lockstep(
         low, high = pair.interval()
         return len(pair.ratios) >= 6 and high - pair.ratio <= half_width and pair.ratio - low <= half_width
 
+    def call(pair: PairTiming, denominator, numerator, numerator_thread: int) -> None:
+        sides: list[tuple[float, float]] = []
+        before_each()
+        on_threads = (numerator, denominator) if numerator_thread == 0 else (denominator, numerator)
+        pair.repetitions.append(monitor.run(lambda: sides.append(lockstep.run(*on_threads))))
+        thread_0, thread_1 = sides[0]
+        pair.sides.append((thread_1, thread_0) if numerator_thread == 0 else (thread_0, thread_1))
+        pair.numerator_thread.append(numerator_thread)
+
     for rounds in range(1, max_rounds + 1):
         monitor.new_round()
         for name in random.Random(seed * 1000 + rounds).sample(list(pairs), len(pairs)):
-            denominator, numerator = pairs[name]
-            swap = rounds % 2 == 0
-            sides: list[tuple[float, float]] = []
-            before_each()
-            repetition = monitor.run(lambda: sides.append(lockstep.run(*((numerator, denominator) if swap else
-                                                                        (denominator, numerator)))))
-            first, second = sides[0]
-            timings[name].sides.append((second, first) if swap else (first, second))
-            timings[name].repetitions.append(repetition)
+            for numerator_thread in ((1, 0) if rounds % 2 else (0, 1)):
+                call(timings[name], *pairs[name], numerator_thread)
         if log:
-            log(f"round {rounds}: " + ", ".join(f"{name} {t.sides[-1][1]:.3f}s / {t.sides[-1][0]:.3f}s"
-                                                f"{' (flagged)' if t.repetitions[-1].flagged else ''}"
-                                                for name, t in timings.items()))
+            log(f"round {rounds}: " + ", ".join(
+                f"{name} {t.sides[-2][1] + t.sides[-1][1]:.3f}s / {t.sides[-2][0] + t.sides[-1][0]:.3f}s"
+                f"{' (flagged)' if t.round_sides()[-1][1] else ''}" for name, t in timings.items()))
         if rounds >= min_rounds and all(narrow(t) for t in timings.values()):
             stop_reason = "every interval narrow"
             break

@@ -85,6 +85,16 @@ def test_run_all_writes_a_failed_section_with_its_reason(tmp_path, monkeypatch):
     assert failure.value.args[0].startswith("## Fake section") and "**Run failed (sanity rule):**" in failure.value.args[0]
 
 
+def test_run_all_dates_the_demo_section_by_its_report(tmp_path, monkeypatch):
+    import run_all
+
+    report = tmp_path / "report.md"
+    report.write_text("# Demo report\n\n| metric | value |\n")
+    os.utime(report, (0, 1_764_806_400))  # 2025-12-04 00:00 UTC
+    monkeypatch.setattr(run_all, "machine", lambda: "test machine")
+    assert run_all.demo_section(report) == "## `make demo` quality (2025-12-04; test machine)\n\n| metric | value |\n"
+
+
 def test_trainer_rows_use_clean_runs_only():
     import bench_trainer
 
@@ -277,7 +287,7 @@ def test_model_benchmark_times_lockstep_pairs_on_the_tiny_model(monkeypatch):
     inference = times["pairs"]["inference"]
     bare_s, ivpt_s = bench_model.median_call(inference)
     assert ivpt_s / bare_s >= inference["ratio"] and row.startswith(f"| tiny | 1 | {bare_s:.3f} | {ivpt_s:.3f} |")
-    assert f"{inference['ratio']:.3f} [{inference['interval_95'][0]:.3f}, " in row and "(range: < 6 calls)" not in row
+    assert f"{inference['ratio']:.3f} [{inference['interval_95'][0]:.3f}, " in row and "(range: < 6 rounds)" not in row
     assert "| 6/0, 6/0 | 6, " in row
     batch_2 = bench_model.run_timing(bench_model.CONFIGS["tiny"], 2, 1, 600.0)
     assert set(batch_2["pairs"]) == {"inference", "train"} and batch_2["rounds"] == 1

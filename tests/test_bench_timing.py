@@ -4,6 +4,7 @@ impossible-ratio failure and lockstep pairs, all with fake counters and clocks (
 import itertools
 import math
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -217,6 +218,16 @@ def test_lockstep_sides_take_turns_and_each_is_timed_by_its_own_turns():
     lockstep.switch()  # outside a run: a no-op, no deadlock
     with pytest.raises(RuntimeError, match="b failed"):
         lockstep.run(steps.side(lockstep, "a", 1.0, 5), steps.side(lockstep, "b", 1.0, 5, fail_at=2))
+    # the same two threads serve every call (each keeps its OpenMP team and allocator arena); close() ends them
+    served = []
+    for _ in range(2):
+        lockstep.run(lambda: served.append(threading.get_ident()), lambda: served.append(threading.get_ident()))
+    assert served[:2] == served[2:] and served[0] != served[1]
+    threads = list(lockstep._threads)
+    lockstep.close()
+    assert not any(thread.is_alive() for thread in threads)
+    with timing.Lockstep(clock=lambda: steps.now) as again:  # a closed Lockstep is not needed again: a new one runs
+        assert again.run(steps.side(again, "a", 1.0, 2), steps.side(again, "b", 1.0, 2)) == (2.0, 2.0)
 
 
 def test_switch_points_hand_over_in_forward_and_backward_and_leave_results_unchanged():
@@ -263,7 +274,9 @@ def test_median_interval_uses_binomial_order_statistics():
     assert all(math.isnan(v) for v in timing.median_interval([]))
 
 
-def test_time_lockstep_alternates_the_starting_side_excludes_flagged_calls_and_stops_when_narrow():
+def test_time_lockstep_puts_each_side_once_on_each_thread_a_round_so_a_slow_thread_cancels():
+    """The starting thread runs 10 % slower here: one call's ratio is off by 10 % either way, the round's ratio (each
+    side's two calls summed) is exact, and `thread_factor` reports the slowdown. A disturbed call flags its round."""
     machine = FakeMachine()
     started = []
 
@@ -272,22 +285,34 @@ def test_time_lockstep_alternates_the_starting_side_excludes_flagged_calls_and_s
 
         def run():
             calls["n"] += 1
-            started.append(name)
-            machine.work(seconds, foreign=0.5 if calls["n"] == foreign_in_call else 0.0)()
+            thread = threading.current_thread().name
+            started.append((name, thread))
+            slow = 1.1 if thread == "lockstep-0" else 1.0
+            machine.work(seconds * slow, foreign=0.5 if calls["n"] == foreign_in_call else 0.0)()
 
         return run
 
     lockstep = timing.Lockstep(clock=lambda: machine.now)
-    pairs = {"ivpt / bare": (side("bare", 1.0), side("ivpt", 1.02, foreign_in_call=2))}
+    pairs = {"ivpt / bare": (side("bare", 1.0), side("ivpt", 1.02, foreign_in_call=3))}
     timings, rounds, reason, rule = timing.time_lockstep(pairs, lockstep, min_rounds=3, max_rounds=10,
                                                          monitor=machine.monitor(), before_each=lambda: None,
                                                          clock=lambda: machine.now)
     pair = timings["ivpt / bare"]
-    assert started[:4] == ["bare", "ivpt", "ivpt", "bare"]  # round 2 starts with the other side
-    assert [r.flagged for r in pair.repetitions][:3] == [False, True, False]  # ivpt's 2nd call was disturbed
-    assert rounds == 7 and reason == "every interval narrow"  # 6 clean calls are needed for a 95 % interval
+    # round 1: bare on the starting thread first, then ivpt; round 2 the other way round
+    assert started[:8] == [("bare", "lockstep-0"), ("ivpt", "lockstep-1"), ("ivpt", "lockstep-0"),
+                           ("bare", "lockstep-1"), ("ivpt", "lockstep-0"), ("bare", "lockstep-1"),
+                           ("bare", "lockstep-0"), ("ivpt", "lockstep-1")]
+    assert pair.numerator_thread[:4] == [1, 0, 0, 1]
+    calls = [numerator / denominator for denominator, numerator in pair.sides]
+    assert calls[0] == pytest.approx(1.02 / 1.1) and calls[1] == pytest.approx(1.02 * 1.1)
+    assert [r.flagged for r in pair.repetitions][:4] == [False, False, True, False]  # ivpt's 3rd call was disturbed
+    assert rounds == 7 and reason == "every interval narrow"  # 6 clean rounds are needed for a 95 % interval
     assert pair.ratios == pytest.approx([1.02] * 6) and pair.ratio == pytest.approx(1.02)
-    assert pair.to_json()["clean"] == 6 and pair.to_json()["flagged"] == 1
+    assert pair.thread_factor() == pytest.approx(1.1)
+    report = pair.to_json()
+    assert report["clean"] == 6 and report["flagged"] == 1 and report["flagged_each"][:3] == [False, True, False]
+    assert report["denominator_s"][0] == pytest.approx(2.1) and report["numerator_s"][0] == pytest.approx(2.142)
+    assert len(report["calls"]["numerator_s"]) == 14 and report["thread_factor"] == pytest.approx(1.1)
     assert "within 1% of it; at most 10 rounds" in rule
     # a wide interval runs to max_rounds; a time cap stops earlier
     levels = itertools.cycle([1.0, 1.1, 1.2])
@@ -295,7 +320,8 @@ def test_time_lockstep_alternates_the_starting_side_excludes_flagged_calls_and_s
     _, rounds, reason, _ = timing.time_lockstep(noisy, lockstep, min_rounds=3, max_rounds=8, monitor=machine.monitor(),
                                                 before_each=lambda: None, clock=lambda: machine.now)
     assert rounds == 8 and reason == "max_rounds (8) reached"
-    _, rounds, reason, _ = timing.time_lockstep(noisy, lockstep, min_rounds=3, max_rounds=8, max_seconds=5,
+    _, rounds, reason, _ = timing.time_lockstep(noisy, lockstep, min_rounds=3, max_rounds=8, max_seconds=9,
                                                 monitor=machine.monitor(), before_each=lambda: None,
                                                 clock=lambda: machine.now)
-    assert rounds == 3 and reason == "time cap (5 s) reached"
+    assert rounds == 3 and reason == "time cap (9 s) reached"
+    lockstep.close()
