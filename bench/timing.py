@@ -56,8 +56,9 @@ The method, in full:
    [0.990, 1.020], and thread factors of 1.017, 1.009 and 1.010: the starting thread ran 1-2 % slower in every process,
    a bias each call carried and each round cancelled.
    In session 13's model run the batch-1 A/A check gave 0.996 [0.989, 1.004]; at batch 8, four of the training pair's
-   five rounds lay below 1 (0.981-0.998) where IVPT adds a few tenths of a percent, so a bias of up to about 1 % at
-   batch 8 (where no A/A pair runs: 80 s a call) is not excluded.
+   five rounds lay below 1 (0.981-0.998) where IVPT adds a few tenths of a percent. An A/A-only run at batch 8 gave
+   1.001 [0.987, 1.007]: no bias common to every pair, but one specific to a pair of different workloads (which an
+   A/A pair cannot show) is not excluded.
    Each side runs somewhat slower than alone (the other side's turn evicts caches, and each thread has its own OpenMP
    team), which is why absolute times come from the lockstep calls only as a record, not as the cost on an idle machine.
 
