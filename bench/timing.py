@@ -605,9 +605,10 @@ def time_lockstep(
             for numerator_thread in ((1, 0) if rounds % 2 else (0, 1)):
                 call(timings[name], *pairs[name], numerator_thread)
         if log:
+            last = {name: t.round_sides()[-1] for name, t in timings.items()}  # ((denominator, numerator), flagged)
             log(f"round {rounds}: " + ", ".join(
-                f"{name} {t.sides[-2][1] + t.sides[-1][1]:.3f}s / {t.sides[-2][0] + t.sides[-1][0]:.3f}s"
-                f"{' (flagged)' if t.round_sides()[-1][1] else ''}" for name, t in timings.items()))
+                f"{name} {sides[1]:.3f}s / {sides[0]:.3f}s{' (flagged)' if flagged else ''}"
+                for name, (sides, flagged) in last.items()))
         if rounds >= min_rounds and all(narrow(t) for t in timings.values()):
             stop_reason = "every interval narrow"
             break

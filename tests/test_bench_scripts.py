@@ -176,8 +176,10 @@ def test_cpu_profile_of_inference_only_runs_on_the_tiny_model(tmp_path):
     command = [sys.executable, str(REPO / "bench" / "profile_model.py"), "--config", "tiny", "--batch", "2",
                "--comparisons", "inference", "--per_block", "--per_block_rounds", "1", "--json", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
-    # under the parallel test suite the one per-block repetition may be flagged: no total, and the run says so
-    assert result.returncode == 0 or "no clean repetitions" in result.stdout, result.stderr[-3000:]
+    # under the parallel test suite one repetition of the tiny model is noise: the per-block one may be flagged (no
+    # total) or a profiled total may come out below the backbone's; either way the run fails and says why
+    noise = ("no clean repetitions", "< 1: IVPT runs its whole backbone")
+    assert result.returncode == 0 or any(reason in result.stdout for reason in noise), result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert set(report["results"]) == {"inference", "per_block"} and report["results"]["inference"]["rows"]
     assert "(tiny, batch 2)" in report["markdown"] and "train step" not in report["markdown"]
@@ -191,7 +193,8 @@ def test_cpu_profile_of_inference_only_runs_on_the_tiny_model(tmp_path):
     # per repetition, then the min: min(1.0 - 0.7, 1.2 - 1.0) = 0.2, not 1.0 - (0.3 + 0.4) from the mins of each
     assert profile_model.outside_blocks_seconds([{0: 0.3, 1: 0.4}, {0: 0.6, 1: 0.4}], [1.0, 1.2]) == pytest.approx(0.2)
     assert math.isnan(profile_model.outside_blocks_seconds([], []))
-    assert all("no clean repetitions" in failure for failure in profile_model.sanity_failures(report["results"]))
+    assert all(any(reason in failure for reason in noise)
+               for failure in profile_model.sanity_failures(report["results"]))
     noisy = {"inference": {"ivpt_total_ms": 990.0, "bare_total_ms": 1000.0},
              "per_block": {"bare_forward": {"total_s": 1.0}, "ivpt_inference": {"total_s": 1.01}}}
     failures = profile_model.sanity_failures(noisy)
