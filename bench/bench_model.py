@@ -12,7 +12,8 @@ forward+backward in train mode like the IVPT step (the backbone has no dropout, 
 keeps the pairs identical).
 
 Timings: lockstep pairs (bench/timing.py, point 6): each ratio's two sides (e.g. the bare forward and IVPT
-inference) run in two threads that take turns before every transformer block and after every block's input gradient,
+inference) run in two threads that take turns before each block's attention, MLP and MLP output layer and after
+each of their input gradients (`switch_modules`),
 so a machine whose speed swings by +-15 % within seconds slows both alike. A round is two calls, each side once on
 each of the two threads (a thread's lasting offset cancels); the ratio is the median over the rounds of IVPT seconds /
 bare seconds, with its 95 % interval; rounds disturbed by other processes are flagged and excluded; rounds go on until
@@ -110,9 +111,17 @@ def sequence(modes: dict, names: tuple[str, ...]):
     return lambda: [modes[name]() for name in names]
 
 
+def switch_modules(*backbones) -> list:
+    """The modules before which (and after whose input gradient) lockstep sides take turns: in every block the
+    attention, the MLP and the MLP's second layer, so a turn is about a third of a block (at batch 8 and 518 px some
+    0.5-0.9 s forward instead of a whole block's 1.7 s, and twice that in a backward)."""
+    return [module for backbone in backbones for block in backbone.blocks
+            for module in (block.attn, block.mlp, block.mlp.fc2)]
+
+
 def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: float) -> dict:
-    """The pairs of `PAIRS` (and the A/A check at batch 1) timed in lockstep, a switch point before every block of
-    both models (bench/timing.py, point 6)."""
+    """The pairs of `PAIRS` (and the A/A check at batch 1) timed in lockstep, switch points three times a block in
+    both models (`switch_modules`; bench/timing.py, point 6)."""
     model, modes = build(config_kwargs, batch)
     pairs = {**PAIRS, CHECK_PAIR[0]: CHECK_PAIR[1]} if batch == 1 else PAIRS
     callables = {name: (sequence(modes, denominator), sequence(modes, numerator))
@@ -120,7 +129,7 @@ def run_timing(config_kwargs: dict, batch: int, max_rounds: int, max_seconds: fl
     for denominator, numerator in callables.values():  # warm-up, outside lockstep
         denominator(), numerator()
     with timing.Lockstep() as lockstep:
-        lockstep.add_switch_points([*model.ivpt.backbone.blocks, *modes["bare_forward"].backbone.blocks])
+        lockstep.add_switch_points(switch_modules(model.ivpt.backbone, modes["bare_forward"].backbone))
         timings, rounds, stop_reason, rule = timing.time_lockstep(
             callables, lockstep, min_rounds=min(5, max_rounds), max_rounds=max_rounds, max_seconds=max_seconds,
             log=lambda line: print(line, file=sys.stderr, flush=True))
@@ -266,9 +275,9 @@ def markdown(results: list[dict]) -> str:
             f"{pairs['train']['clean']}/{pairs['train']['flagged']} "
             f"| {result['timing']['rounds']}, {result['timing']['stop_reason']} |"
         )
-    lines += ["", "Lockstep: the two sides of a ratio run in two threads that take turns before every transformer "
-              "block and after every block's input gradient, so the machine's slowdowns fall on both alike; a round "
-              "is two calls, each side once on each thread. Ratios: median over the clean rounds of (IVPT seconds / "
+    lines += ["", "Lockstep: the two sides of a ratio run in two threads that take turns before each block's attention, "
+              "MLP and MLP output layer and after each of their input gradients, so the machine's slowdowns fall on "
+              "both alike; a round is two calls, each side once on each thread. Ratios: median over the clean rounds of (IVPT seconds / "
               "bare seconds, each summed over the round), with the distribution-free 95 % interval of that median; "
               "times: both sides of the round whose ratio is that median (the next above it for an even count), a "
               "record of two calls: in lockstep each side runs slower than alone, and at batch 8 the two sides' "

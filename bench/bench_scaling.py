@@ -4,7 +4,7 @@ the same run (ViT-B/14 reg4, random weights, batch 1, 2 threads, fp32).
     python bench/bench_scaling.py [--image_sizes 224,392] [--n_pro 5,4/9,7,5/17,14,11,8,5/33,27,21,15,9,5] [--json OUT]
 
 Every point runs bench/bench_model.py's measurement in its own subprocess: the training step and its bare
-side timed as a lockstep pair on bench/timing.py (two threads taking turns before every transformer block, so the
+side timed as a lockstep pair on bench/timing.py (two threads taking turns three times a transformer block, so the
 machine's swings fall on both; a round is two calls, each side once on each thread; median ratio over the rounds with
 its 95 % interval; disturbed rounds flagged and excluded; a ratio below 1 fails the run), peak RSS growth of the
 training modes in fresh processes, FLOPs.

@@ -1,19 +1,19 @@
-"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 100 minutes on 2 cores).
+"""Runs every benchmark of the project and rewrites BENCHMARKS.md (`make bench`, about 115 minutes on 2 cores).
 
     python bench/run_all.py [--only model,profile,profile_batch8,allocator,speed,scaling,eval_passes,eval,data,trainer]
                             [--gpu_json gpu_bench.json] [--gpu_profile_json profile.json]
                             [--demo_report demo_output/report/report.md]
 
 Sections, with the minutes each took (2 cores of an AVX2 EPYC, 2026-12-04/05): model cost and goals at batch 1 and 8
-(bench_model.py, 53 in session 13: the pairs timed in lockstep, rounds of two calls a pair, 16 rounds at batch 1 in
-18 minutes, a 1500 s cap that allowed 5 rounds at batch 8, plus a fresh process per mode for memory), speed features
+(bench_model.py, 61 in session 14: the pairs timed in lockstep, rounds of two calls a pair, 12 rounds at batch 1 in
+20 minutes, a 2100 s cap that allowed 7 rounds at batch 8, plus a fresh process per mode for memory), speed features
 (bench_speed.py, 11: inductor compiling, and bf16 on a CPU without native bf16 runs 60 s training steps), profile of
 the extra time and per-block times (profile_model.py --per_block, 1), the same for inference at batch 8, where the
-inference goal is hardest to measure (5), page faults under two glibc settings (bench_allocator.py, 11: four
-processes at batch 8), scaling (bench_scaling.py, 13: lockstep rounds, up to 10 rounds or 120 s a point; 224 px is
+inference goal is hardest to measure (5), page faults under two glibc settings (bench_allocator.py, 13: four
+processes at batch 8, two lockstep rounds each), scaling (bench_scaling.py, 13: lockstep rounds, up to 10 rounds or 120 s a point; 224 px is
 the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes (bench_eval_passes.py, <1),
 evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead (bench_trainer.py, 2). Two parts:
-`--only model` (~55 minutes) and the rest (~45). Also the demo's report (when `make demo` has run) and the GPU
+`--only model` (~60 minutes) and the rest (~55). Also the demo's report (when `make demo` has run) and the GPU
 figures of bench/gpu.sh (`--gpu_json`) and bench/profile_gpu.py (`--gpu_profile_json`).
 Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every section; a section that fails
 (e.g. an impossible ratio on a busy machine) is written with its table and the reason when its script got that far,
@@ -37,7 +37,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SECTIONS = {
     "model": ("Model cost vs the bare backbone, and the goals (CPU, 2 threads, fp32)",
-              ["bench/bench_model.py", "--config", "full", "--max_seconds", "1500"]),
+              ["bench/bench_model.py", "--config", "full", "--max_seconds", "2100"]),
     "speed": ("Speed features: torch.compile, bf16, gradient checkpointing, batching (CPU)", ["bench/bench_speed.py"]),
     "profile": ("Where IVPT's time goes beyond its backbone (torch.profiler, CPU)",
                 ["bench/profile_model.py", "--per_block"]),

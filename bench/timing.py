@@ -37,8 +37,8 @@ The method, in full:
    `require_not_faster` raises `ImpossibleRatioError` (failing the run, with an explanation) when such a ratio is < 1.
 6. **Lockstep pairs** (`Lockstep`, `time_lockstep`), for ratios close to 1 on a machine whose speed swings: the two
    sides of a ratio (e.g. the bare forward and IVPT inference) run in two threads that take turns at switch points
-   (before every transformer block, and after the gradient of every block's input in a backward), so the machine's
-   slowdowns of a second or more fall on both sides alike; each side's time is the sum of its turns. On the shared
+   (e.g. before parts of every transformer block, and after the gradient of their inputs in a backward), so the machine's
+   slowdowns longer than a turn fall on both sides alike; each side's time is the sum of its turns. On the shared
    2-core VM of session 12, where 0.1-s matrix products on each core varied by +-15 % even when averaged over 5 s,
    independently on the two cores, the per-call ratio of the batch-1 inference pair varied with a standard
    deviation of 3 % in lockstep against 12 % for the same two calls run one after the other.
@@ -55,10 +55,12 @@ The method, in full:
    processes at batch 1 (518 px, 10 rounds each, session 13) gave 0.998 [0.990, 1.025], 0.991 [0.977, 1.025] and 1.006
    [0.990, 1.020], and thread factors of 1.017, 1.009 and 1.010: the starting thread ran 1-2 % slower in every process,
    a bias each call carried and each round cancelled.
-   In session 13's model run the batch-1 A/A check gave 0.996 [0.989, 1.004]; at batch 8, four of the training pair's
-   five rounds lay below 1 (0.981-0.998) where IVPT adds a few tenths of a percent. An A/A-only run at batch 8 gave
-   1.001 [0.987, 1.007]: no bias common to every pair, but one specific to a pair of different workloads (which an
-   A/A pair cannot show) is not excluded.
+   **Turns a third of a block** (session 14; the callers' switch points, `bench_model.switch_modules`). With one
+   switch point per block, a batch-8 turn at 518 px lasted 1.7 s (forward) to 3.4 s (backward), and a slowdown shorter
+   than a turn fell on one side: batch-8 rounds spread about twice as widely as batch-1 rounds, and the batch-8
+   training pair's median fell below 1 in three processes (0.993, 0.994, and 0.995 after three rounds) though IVPT adds to that step. With
+   turns before each block's attention, MLP and MLP output layer, session 14's model run gave seven batch-8 training
+   rounds of 1.005-1.027 and a batch-1 A/A check of 1.000 [0.994, 1.005].
    Each side runs somewhat slower than alone (the other side's turn evicts caches, and each thread has its own OpenMP
    team), which is why absolute times come from the lockstep calls only as a record, not as the cost on an idle machine.
 

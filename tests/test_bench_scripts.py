@@ -7,6 +7,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -234,43 +235,106 @@ def test_gpu_sections_are_dated_and_ordered_after_the_cpu_sections(tmp_path):
 
 def test_allocator_benchmark_runs_each_setting_in_its_own_environment(tmp_path, monkeypatch):
     """bench/bench_allocator.py on the tiny model: each setting's processes see exactly its glibc variables (a
-    `MALLOC_` variable of the caller's is dropped), both modes are timed and their page faults counted."""
+    `MALLOC_` variable of the caller's is dropped), the pair is timed in lockstep rounds of two calls, and each side's
+    page faults are counted once per timed call (the warm-up calls are not)."""
     out = tmp_path / "allocator.json"
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "bench_allocator.py"), "--config", "tiny", "--batch", "1",
-         "--rounds", "1", "--repetitions", "1", "--json", str(out)],
+         "--processes", "1", "--rounds", "1", "--json", str(out)],
         cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
     )
-    # under the parallel test suite a setting's one repetition may be flagged: then no ratio, and the run says so
+    # under the parallel test suite a setting's one round may be flagged: then no ratio, and the run says so
     assert result.returncode == 0 or "no clean repetitions" in result.stdout, result.stderr[-3000:]
     report = json.loads(out.read_text())
     default, tuned = report["results"].values()
     assert default["environment"] == {}
     assert tuned["environment"] == {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}
     for setting in (default, tuned):
-        for repetitions in setting["modes"].values():
-            assert len(repetitions) == 1 and repetitions[0]["seconds"] > 0 and repetitions[0]["faults"] >= 0
+        (process,) = setting["processes"]
+        calls = process["pair"]["calls"]
+        assert calls["numerator_thread"] == [1, 0]  # round 1: the numerator on the second thread, then the first
+        assert all(s > 0 for s in calls["denominator_s"] + calls["numerator_s"])
+        assert [len(process["faults"][name]) for name in ("bare_forward", "ivpt_inference")] == [2, 2]
+        assert all(f >= 0 for counts in process["faults"].values() for f in counts)
     assert "tiny, batch 1" in report["markdown"] and "Speed-up of the second setting" in report["markdown"]
 
 
-def test_allocator_table_fails_an_impossible_ratio():
+def test_allocator_faults_are_counted_on_the_calling_thread():
+    """A side's faults are its own thread's: touching 40 MB of fresh memory in the counted call shows ~10,000 faults
+    (4 KiB pages), while the same work on another thread during the call is not counted."""
+    import threading
+
     import bench_allocator
 
-    def repetitions(seconds, faults, flagged=False):
-        return [{"seconds": s, "flagged": flagged, "faults": faults} for s in seconds]
+    def touch():
+        bytearray(40 * 2**20)  # zero-filled: the kernel faults in every page
+
+    own, others = [], []
+    bench_allocator.counting_faults(touch, own)()
+    bench_allocator.counting_faults(lambda: [t.start() or t.join() for t in [threading.Thread(target=touch)]], others)()
+    assert own[0] > 5000 and others[0] < 1000
+
+
+def test_allocator_table_pools_rounds_and_fails_an_impossible_ratio():
+    import bench_allocator
+
+    def process(rounds, faults):  # rounds: (bare s, IVPT s, flagged)
+        return {"pair": {"denominator_s": [r[0] for r in rounds], "numerator_s": [r[1] for r in rounds],
+                         "flagged_each": [r[2] for r in rounds]},
+                "faults": {"bare_forward": faults[0], "ivpt_inference": faults[1]}}
 
     results = {
-        "glibc default": {"modes": {"bare_forward": repetitions([2.0, 1.9], 1000),
-                                    "ivpt_inference": repetitions([2.1, 2.0], 1100)}},
-        "tuned": {"modes": {"bare_forward": repetitions([1.8], 0) + repetitions([1.0], 0, flagged=True),
-                            "ivpt_inference": repetitions([1.7, 1.75], 5)}},
+        "glibc default": {"processes": [process([(4.0, 4.2, False), (3.8, 4.0, False)], ([1000, 1000], [1100, 1100])),
+                                        process([(4.1, 4.2, False), (4.0, 4.1, False)], ([1000, 1002], [1100, 1104]))]},
+        "tuned": {"processes": [process([(3.6, 3.4, False), (1.0, 3.0, True)], ([0, 0], [5, 5])),
+                                process([(3.7, 3.5, False), (3.6, 3.7, False)], ([0, 2], [5, 7]))]},
     }
     text, failures = bench_allocator.markdown(results, "full", 8)
-    assert "| `glibc default` | 1.900 | 2.000 | 1.053 | 1000 / 1100 | 2/0, 2/0 |" in text
-    assert "| `tuned` | 1.800 | 1.700 | 0.944 | 0 / 5 | 1/1, 2/0 |" in text  # the flagged 1.0 s is not the min
+    # default: ratios 1.05, 1.0526, 1.0244, 1.025 -> median 1.038; fastest rounds 3.8 / 4.0
+    assert "| `glibc default` | 3.800 | 4.000 | 1.038 [1.024, 1.053] (range: < 6 rounds) | 1000 / 1100 | 4/0 |" in text
+    # tuned: the flagged round (1.0 s) is neither the fastest nor a ratio; ratios 0.944, 0.946, 1.028 -> 0.946
+    assert "| `tuned` | 3.600 | 3.400 | 0.946 [0.944, 1.028] (range: < 6 rounds) | 0 / 5 | 3/1 |" in text
     assert "bare forward 1.06x, IVPT inference 1.18x" in text
     assert len(failures) == 1 and failures[0].startswith("tuned: IVPT inference / bare forward")
+    assert "0.946 < 1" in failures[0]
+
+
+def test_lockstep_sides_take_turns_three_times_a_block_forward_and_backward():
+    """bench_model.switch_modules on the tiny model (4 blocks): an inference forward hands over before each block's
+    attention, MLP and MLP output layer (12 switch points); a training step adds the warped no-grad pass (12) and one
+    switch after each of those modules' input gradients (12): 36, as many as the bare forward+backward + forward has."""
+    model, modes = bench_model.build(bench_model.CONFIGS["tiny"], 1)
+    modules = bench_model.switch_modules(model.ivpt.backbone, modes["bare_forward"].backbone)
+    assert len(modules) == 2 * 4 * 3
+    order, current = [], {}  # the side of every switch point reached; each thread's side
+
+    with timing.Lockstep() as lockstep:
+        original = lockstep.switch
+
+        def switch():
+            order.append(current.get(threading.get_ident()))
+            original()
+
+        lockstep.switch = switch
+
+        def on_thread(name, function):
+            def run():
+                current[threading.get_ident()] = name
+                function()
+            return run
+
+        lockstep.add_switch_points(modules)
+        pairs = {"inference": (modes["bare_forward"], modes["ivpt_inference"]),
+                 "train": (bench_model.sequence(modes, ("bare_forward_backward", "bare_forward")),
+                           modes["ivpt_train_step"])}
+        for name, (bare, ivpt) in pairs.items():
+            order.clear()
+            lockstep.run(on_thread("ivpt", ivpt), on_thread("bare", bare))
+            expected = 12 if name == "inference" else 36
+            assert order.count("ivpt") == order.count("bare") == expected, (name, order)
+            # they alternate: the sides take turns
+            assert all(a != b for a, b in zip(order[:-1], order[1:])), order
 
 
 def test_model_benchmark_times_lockstep_pairs_on_the_tiny_model(monkeypatch):
