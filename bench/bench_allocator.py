@@ -19,9 +19,9 @@ thread faults in are not counted (at 2 threads about as many again: session 11 c
 main-thread call, 2.02 million per bare forward, against 1.01 million on the side's thread in session 14).
 The sides run on threads other than the main one: there the second setting halved the faults counted (session 14),
 whereas in session 11's main-thread run it removed them (2.02 million -> 0 per bare forward), likely because glibc
-serves other threads from arenas of their own, made of mmap'd heaps that it unmaps as they empty. The ratio IVPT / bare is the
-median over all clean rounds of a setting; a setting where it is below 1 fails the run (bench/timing.py). A
-setting's speed-up: the ratio of the other setting's fastest clean round of that side to its own (processes differ,
+serves other threads from arenas of their own, made of mmap'd heaps that it unmaps as they empty. The ratio IVPT /
+bare is the median over all clean rounds of a setting; a setting where it is below 1 fails the run (bench/timing.py).
+A setting's speed-up: the ratio of the other setting's fastest clean round of that side to its own (processes differ,
 so these two are not lockstep figures).
 """
 
@@ -75,6 +75,12 @@ def child_run(config: str, batch: int, rounds: int) -> dict:
             "pair": timings["inference"].to_json(), "faults": faults}
 
 
+def process_rounds(out: dict) -> list[tuple[float, float, bool]]:
+    """(bare seconds, IVPT seconds, flagged) of each lockstep round of one child process's output."""
+    pair = out["pair"]
+    return list(zip(pair["denominator_s"], pair["numerator_s"], pair["flagged_each"]))
+
+
 def setting_environment(setting: str) -> dict:
     """This process's environment with the setting's glibc variables, and no other `MALLOC_` variable."""
     return {**{k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}, **SETTINGS[setting]}
@@ -92,26 +98,22 @@ def run(config: str, batch: int, processes: int, rounds: int) -> dict:
             results[setting]["environment"] = out.pop("environment")
             results[setting]["processes"].append(out)
             print(f"process {index + 1}, {setting}: rounds (IVPT s / bare s) " + ", ".join(
-                f"{n:.3f} / {d:.3f}{' (flagged)' if f else ''}" for d, n, f in
-                zip(out["pair"]["denominator_s"], out["pair"]["numerator_s"], out["pair"]["flagged_each"])),
-                flush=True)
+                f"{n:.3f} / {d:.3f}{' (flagged)' if f else ''}" for d, n, f in process_rounds(out)), flush=True)
     return results
 
 
 def summary(result: dict) -> dict:
     """A setting's rounds pooled over its processes: median ratio and interval, fastest clean round of each side,
     clean/flagged counts, median faults per call of each side."""
-    rounds = [(d, n, f) for out in result["processes"] for d, n, f in
-              zip(out["pair"]["denominator_s"], out["pair"]["numerator_s"], out["pair"]["flagged_each"])]
-    clean = [(d, n) for d, n, f in rounds if not f]
+    rounds = [r for out in result["processes"] for r in process_rounds(out)]
+    clean = [(d, n) for d, n, flagged in rounds if not flagged]
     ratios = [n / d for d, n in clean]
+    faults = {name: [x for out in result["processes"] for x in out["faults"][name]] for name in MODES}
     nan = float("nan")
     return {"ratio": statistics.median(ratios) if ratios else nan, "interval": timing.median_interval(ratios),
             "bare_s": min((d for d, _ in clean), default=nan), "ivpt_s": min((n for _, n in clean), default=nan),
             "clean": len(clean), "flagged": len(rounds) - len(clean),
-            "faults": {name: statistics.median(c) if (c := [x for out in result["processes"]
-                                                           for x in out["faults"][name]]) else nan
-                       for name in MODES}}
+            "faults": {name: statistics.median(counts) if counts else nan for name, counts in faults.items()}}
 
 
 def markdown(results: dict, config: str, batch: int) -> tuple[str, list[str]]:

@@ -10,11 +10,11 @@ Sections, with the minutes each took (2 cores of an AVX2 EPYC, 2026-12-04/05): m
 (bench_speed.py, 11: inductor compiling, and bf16 on a CPU without native bf16 runs 60 s training steps), profile of
 the extra time and per-block times (profile_model.py --per_block, 1), the same for inference at batch 8, where the
 inference goal is hardest to measure (5), page faults under two glibc settings (bench_allocator.py, 13: four
-processes at batch 8, two lockstep rounds each), scaling (bench_scaling.py, 13: lockstep rounds, up to 10 rounds or 120 s a point; 224 px is
-the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes (bench_eval_passes.py, <1),
-evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead (bench_trainer.py, 2). Two parts:
-`--only model` (~60 minutes) and the rest (~55). Also the demo's report (when `make demo` has run) and the GPU
-figures of bench/gpu.sh (`--gpu_json`) and bench/profile_gpu.py (`--gpu_profile_json`).
+processes at batch 8, two lockstep rounds each), scaling (bench_scaling.py, 13: lockstep rounds, up to 10 rounds or
+120 s a point; 224 px is the n_pro 17,14,11,8,5 row, 518 px the model section), evaluation backbone passes
+(bench_eval_passes.py, <1), evaluation throughput (bench_eval.py, 2), data (bench_data.py, 1.5), trainer overhead
+(bench_trainer.py, 2). Two parts: `--only model` (~60 minutes) and the rest (~55). Also the demo's report (when
+`make demo` has run) and the GPU figures of bench/gpu.sh (`--gpu_json`) and bench/profile_gpu.py (`--gpu_profile_json`).
 Sections not re-run keep their previous text; BENCHMARKS.md is rewritten after every section; a section that fails
 (e.g. an impossible ratio on a busy machine) is written with its table and the reason when its script got that far,
 else keeps its previous text; the run goes on and exits non-zero at the end.

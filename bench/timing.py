@@ -37,10 +37,10 @@ The method, in full:
    `require_not_faster` raises `ImpossibleRatioError` (failing the run, with an explanation) when such a ratio is < 1.
 6. **Lockstep pairs** (`Lockstep`, `time_lockstep`), for ratios close to 1 on a machine whose speed swings: the two
    sides of a ratio (e.g. the bare forward and IVPT inference) run in two threads that take turns at switch points
-   (e.g. before parts of every transformer block, and after the gradient of their inputs in a backward), so the machine's
-   slowdowns longer than a turn fall on both sides alike; each side's time is the sum of its turns. On the shared
-   2-core VM of session 12, where 0.1-s matrix products on each core varied by +-15 % even when averaged over 5 s,
-   independently on the two cores, the per-call ratio of the batch-1 inference pair varied with a standard
+   (e.g. before parts of every transformer block, and after the gradient of their inputs in a backward), so the
+   machine's slowdowns longer than a turn fall on both sides alike; each side's time is the sum of its turns. On the
+   shared 2-core VM of session 12, where 0.1-s matrix products on each core varied by +-15 % even when averaged over
+   5 s, independently on the two cores, the per-call ratio of the batch-1 inference pair varied with a standard
    deviation of 3 % in lockstep against 12 % for the same two calls run one after the other.
    **Balanced rounds.** The same two threads serve every call (`Lockstep`), and a round makes two calls of a pair, each
    side once on each thread (which call comes first alternates from round to round). The ratio of a round is numerator
@@ -58,9 +58,9 @@ The method, in full:
    **Turns a third of a block** (session 14; the callers' switch points, `bench_model.switch_modules`). With one
    switch point per block, a batch-8 turn at 518 px lasted 1.7 s (forward) to 3.4 s (backward), and a slowdown shorter
    than a turn fell on one side: batch-8 rounds spread about twice as widely as batch-1 rounds, and the batch-8
-   training pair's median fell below 1 in three processes (0.993, 0.994, and 0.995 after three rounds) though IVPT adds to that step. With
-   turns before each block's attention, MLP and MLP output layer, session 14's model run gave seven batch-8 training
-   rounds of 1.005-1.027 and a batch-1 A/A check of 1.000 [0.994, 1.005].
+   training pair's median fell below 1 in three processes (0.993, 0.994, and 0.995 after three rounds) though IVPT
+   adds to that step. With turns before each block's attention, MLP and MLP output layer, session 14's model run gave
+   seven batch-8 training rounds of 1.005-1.027 and a batch-1 A/A check of 1.000 [0.994, 1.005].
    Each side runs somewhat slower than alone (the other side's turn evicts caches, and each thread has its own OpenMP
    team), which is why absolute times come from the lockstep calls only as a record, not as the cost on an idle machine.
 
